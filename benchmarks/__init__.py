@@ -1,0 +1,1 @@
+"""Benchmarks: each ``benchmarks/<name>.py`` runs as ``python -m benchmarks.<name> [--quick]``."""
