@@ -1,0 +1,332 @@
+"""MLflow tracking for every stage: one run per stage, child of one pipeline run.
+
+This is the only module that imports mlflow (docs/architecture.md). Stages use
+:func:`stage_run`; the pipeline's local runner wraps the whole DAG in
+:func:`pipeline_run`, which exports ``CAL_POSE_PARENT_RUN_ID`` so each stage's
+run becomes its child (tag ``mlflow.parentRunId``).
+
+Where runs go:
+- ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs>/runs/mlflow.db``
+  (created on demand; never mlflow's own cwd default).
+- Experiment: argument, else ``MLFLOW_EXPERIMENT_NAME``, else ``"cal-pose"``.
+- ``CAL_POSE_TRACKING=off`` skips MLflow altogether (tests, air-gapped runs).
+
+Resilience: tracking must never kill a stage. HTTP servers are probed with a
+short connect timeout and mlflow's own retries are bounded; on the first
+failure the tracker warns once and keeps recording everything to a JSONL file
+(``mlflow-offline.jsonl`` in ``local_dir``) so nothing is lost.
+
+Secrets: parameters or tags whose names look like keys, tokens or passwords,
+and any value equal to a secret-looking environment variable, are dropped
+before logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "CAL_POSE_PARENT_RUN_ID"
+TRACKING_SWITCH_ENV = "CAL_POSE_TRACKING"
+DEFAULT_EXPERIMENT = "cal-pose"
+OFFLINE_FILE = "mlflow-offline.jsonl"
+#: Client-side limits applied unless the environment already sets them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+PROBE_TIMEOUT_S = 3.0
+_SECRET_NAME = re.compile(r"(secret|passw|passwd|token|api[_-]?key|access[_-]?key|credential|auth)", re.I)
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_MAX_PARAM_CHARS = 6000
+#: MLflow error codes that mean "this call was wrong", not "the server is gone".
+_CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
+
+
+def tracking_uri() -> str:
+    """The tracking URI: ``MLFLOW_TRACKING_URI`` or an absolute sqlite file under ./runs/."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    runs = Path("runs").resolve()
+    return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def experiment_name(experiment: str | None = None) -> str:
+    """The experiment: the argument, else ``MLFLOW_EXPERIMENT_NAME``, else ``cal-pose``."""
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def is_secret_name(name: str) -> bool:
+    """True for names that look like credentials (``aws_secret_access_key``, ``token``, ...)."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def _secret_values() -> set[str]:
+    """Values of secret-looking environment variables (never to be logged, whatever the key)."""
+    return {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 4}
+
+
+def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Stringify params for MLflow, dropping secrets and fixing key characters and length."""
+    secrets = _secret_values()
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if is_secret_name(str(key)) or any(s in text for s in secrets):
+            continue
+        out[_BAD_KEY_CHARS.sub("_", str(key))] = text[:_MAX_PARAM_CHARS]
+    return out
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def _probe(uri: str) -> None:
+    """Fail fast (OSError) if an HTTP tracking server does not accept connections."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in {"http", "https"}:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    with socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S):
+        pass
+
+
+class Tracker:
+    """One MLflow run (or its offline JSONL stand-in). Every method swallows tracking failures."""
+
+    def __init__(self, name: str, local_dir: str | Path | None = None) -> None:
+        self.name = name
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._local_dir = Path(local_dir) if local_dir else Path("runs") / "offline"
+        self._warned = False
+
+    @property
+    def online(self) -> bool:
+        """True while runs are being recorded in MLflow (not the offline JSONL file)."""
+        return self._client is not None and self.run_id is not None
+
+    @property
+    def offline_path(self) -> Path:
+        """The JSONL file that receives everything while MLflow is unreachable."""
+        return self._local_dir / OFFLINE_FILE
+
+    def _start(self, experiment: str, tags: dict[str, str]) -> None:
+        """Create the MLflow run; on any failure fall back to the offline file."""
+        if os.environ.get(TRACKING_SWITCH_ENV, "").lower() in {"off", "0", "false"}:
+            self._offline("start", {"experiment": experiment, "tags": tags}, reason="tracking is off")
+            return
+        try:
+            uri = tracking_uri()
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+            _probe(uri)
+            self._client = _make_client(uri)
+            exp_id = _experiment_id(self._client, uri, experiment)
+            run = self._client.create_run(exp_id, run_name=self.name, tags=tags)
+            self.run_id = run.info.run_id
+            log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, self.name, experiment,
+                     _redact_uri(uri))
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill the stage
+            self._client = None
+            self._offline("start", {"experiment": experiment, "tags": tags}, reason=exc)
+
+    def _call(self, kind: str, payload: dict[str, Any], action: Any) -> None:
+        """Run ``action()`` against MLflow; on failure record ``payload`` offline instead."""
+        if not self.online:
+            self._offline(kind, payload)
+            return
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "error_code", None) in _CLIENT_ERRORS:
+                log.warning("MLflow rejected %s for run %s: %s", kind, self.run_id, exc)
+                self._offline(kind, payload, reason=exc, switch=False)
+            else:
+                self._client = None
+                self._offline(kind, payload, reason=exc)
+
+    def _offline(self, kind: str, payload: dict[str, Any], reason: object = None, switch: bool = True) -> None:
+        """Append one event to the offline JSONL file; warn once when switching to it."""
+        if reason is not None and switch and not self._warned:
+            self._warned = True
+            log.warning("MLflow unavailable (%s); logging run %r to %s instead", reason, self.name,
+                        self.offline_path)
+        record = {"time": time.time(), "run": self.name, "run_id": self.run_id, "kind": kind, "data": payload}
+        try:
+            self.offline_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.offline_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:
+            log.warning("could not write offline tracking file %s: %s", self.offline_path, exc)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters (secrets dropped, values stringified)."""
+        clean = clean_params(params)
+        if not clean:
+            return
+        from mlflow.entities import Param
+
+        self._call("params", clean, lambda: self._client.log_batch(
+            self.run_id, params=[Param(k, v) for k, v in clean.items()]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at ``step`` (non-numeric values are an error of the caller)."""
+        clean = {_BAD_KEY_CHARS.sub("_", k): float(v) for k, v in metrics.items()}
+        if not clean:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self._call("metrics", {"step": step, "values": clean}, lambda: self._client.log_batch(
+            self.run_id, metrics=[Metric(k, v, stamp, step or 0) for k, v in clean.items()]))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (secret-looking names dropped)."""
+        clean = clean_params(tags)
+        if not clean:
+            return
+        from mlflow.entities import RunTag
+
+        self._call("tags", clean, lambda: self._client.log_batch(
+            self.run_id, tags=[RunTag(k, v) for k, v in clean.items()]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file or folder as a run artifact."""
+        path = Path(path)
+        method = "log_artifacts" if path.is_dir() else "log_artifact"
+        self._call("artifact", {"path": str(path.resolve()), "artifact_path": artifact_path},
+                   lambda: getattr(self._client, method)(self.run_id, str(path), artifact_path))
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Log a matplotlib figure as ``name`` (e.g. ``"plots/oks.png"``); offline: save it locally."""
+        if self.online:
+            self._call("figure", {"name": name}, lambda: self._client.log_figure(self.run_id, fig, name))
+            if self.online:
+                return
+        target = self._local_dir / "figures" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target)
+        self._offline("figure", {"name": name, "path": str(target.resolve())})
+
+    def log_text(self, text: str, name: str) -> None:
+        """Log a text artifact (markdown report, JSON) under ``name``."""
+        self._call("text", {"name": name, "text": text},
+                   lambda: self._client.log_text(self.run_id, text, name))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        self._call("end", {"status": status}, lambda: self._client.set_terminated(self.run_id, status))
+
+
+def _redact_uri(uri: str) -> str:
+    """The URI without any ``user:password@`` part, for log lines."""
+    parsed = urlparse(uri)
+    if parsed.password or parsed.username:
+        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+    return uri
+
+
+def _make_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``; creates the folder of a sqlite database."""
+    from mlflow import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if missing (sqlite: artifacts beside the database)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another stage created it concurrently
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def start_run(name: str, experiment: str | None = None, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, Any] | None = None, local_dir: str | Path | None = None,
+              parent_run_id: str | None = None) -> Tracker:
+    """Start a run (child of ``parent_run_id`` or ``$CAL_POSE_PARENT_RUN_ID``); call ``end()``."""
+    tracker = Tracker(name, local_dir)
+    all_tags = clean_params(dict(tags or {}))
+    parent = parent_run_id or os.environ.get(PARENT_ENV)
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    tracker._start(experiment_name(experiment), all_tags)
+    if params:
+        tracker.log_params(params)
+    return tracker
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str | None = None, run_name: str | None = None,
+              params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              local_dir: str | Path | None = None) -> Iterator[Tracker]:
+    """Context manager: one run for pipeline stage ``stage``; FAILED/KILLED if the body raises."""
+    tracker = start_run(run_name or stage, experiment, params, {"cal_pose.stage": stage, **(tags or {})},
+                        local_dir)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+
+
+@contextlib.contextmanager
+def pipeline_run(run_name: str, experiment: str | None = None, params: Mapping[str, Any] | None = None,
+                 tags: Mapping[str, Any] | None = None, local_dir: str | Path | None = None) -> Iterator[Tracker]:
+    """The parent run of one pipeline run; exports ``CAL_POSE_PARENT_RUN_ID`` while it is open.
+
+    Stage runs started inside (same process or subprocesses that inherit the
+    environment) become its children.
+    """
+    previous = os.environ.get(PARENT_ENV)
+    with stage_run("pipeline", experiment, run_name, params, tags, local_dir) as tracker:
+        if tracker.run_id:
+            os.environ[PARENT_ENV] = tracker.run_id
+        try:
+            yield tracker
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of ``metrics`` (helper for callers with mixed dicts)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out

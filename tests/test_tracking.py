@@ -1,0 +1,136 @@
+"""cal_core.tracking against a real sqlite MLflow store and an unreachable server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from cal_core import tracking  # noqa: E402
+
+
+@pytest.fixture()
+def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store in tmp, selected through the environment."""
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
+    return uri
+
+
+def _free_port() -> int:
+    """A local TCP port nobody listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_uri_is_absolute_sqlite_under_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert tracking.experiment_name() == "from-env"
+    assert tracking.experiment_name("arg") == "arg"
+
+
+def test_stage_run_logs_params_metrics_artifacts(sqlite_uri: str, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with tracking.stage_run("train", experiment="exp-a", params={"lr": 0.001, "steps": [170, 200]}) as t:
+        t.log_metrics({"loss": 0.5}, step=1)
+        t.log_metrics({"loss": 0.25}, step=2)
+        t.log_artifact(note, "notes")
+        t.log_figure(fig, "plots/curve.png")
+        t.set_tags({"method": "cal"})
+        run_id = t.run_id
+    plt.close(fig)
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.001", "steps": "[170, 200]"}
+    assert run.data.tags["cal_pose.stage"] == "train" and run.data.tags["method"] == "cal"
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5, 0.25]
+    names = {a.path for a in client.list_artifacts(run_id, "notes")} | {
+        a.path for a in client.list_artifacts(run_id, "plots")}
+    assert names == {"notes/note.txt", "plots/curve.png"}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "exp-a"
+    assert exp.artifact_location.startswith((tmp_path / "ml").resolve().as_uri())
+
+
+def test_failure_marks_run_failed(sqlite_uri: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("evaluate") as t:
+        run_id = t.run_id
+        raise RuntimeError("boom")
+    assert MlflowClient(sqlite_uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_stage_runs_are_children_of_the_pipeline_run(sqlite_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with tracking.pipeline_run("nightly") as parent:
+        assert tracking.os.environ[tracking.PARENT_ENV] == parent.run_id
+        with tracking.stage_run("export") as child:
+            child_id = child.run_id
+    assert tracking.PARENT_ENV not in tracking.os.environ
+    tags = MlflowClient(sqlite_uri).get_run(child_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_secrets_never_logged(sqlite_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    params = {"aws_secret_access_key": "x", "db_password": "y", "api_token": "z",
+              "endpoint": "http://u:s3cr3t-value@host", "lr": 0.1}
+    assert tracking.clean_params(params) == {"lr": "0.1"}
+    with tracking.stage_run("train", params=params) as t:
+        run_id = t.run_id
+    assert MlflowClient(sqlite_uri).get_run(run_id).data.params == {"lr": "0.1"}
+
+
+def test_unreachable_server_falls_back_to_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="cal_core.tracking"), \
+            tracking.stage_run("train", params={"lr": 0.1}, local_dir=out) as t:
+        t.log_metrics({"loss": 1.5}, step=3)
+        fig = plt.figure()
+        t.log_figure(fig, "plots/x.png")
+        plt.close(fig)
+    assert time.monotonic() - start < 15
+    assert not t.online and t.run_id is None
+    warnings = [r for r in caplog.records if "MLflow unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    events = [json.loads(line) for line in (out / tracking.OFFLINE_FILE).read_text().splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds == ["start", "params", "metrics", "figure", "end"]
+    assert events[1]["data"] == {"lr": "0.1"}
+    assert events[2]["data"] == {"step": 3, "values": {"loss": 1.5}}
+    assert (out / "figures" / "plots" / "x.png").is_file()
+
+
+def test_tracking_off_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking.TRACKING_SWITCH_ENV, "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
+    with tracking.stage_run("synth", local_dir=tmp_path) as t:
+        t.log_metrics({"n": 3})
+    assert not (tmp_path / "never.db").exists()
+    assert (tmp_path / tracking.OFFLINE_FILE).is_file()
+
+
+def test_finite_metrics_keeps_only_numbers() -> None:
+    assert tracking.finite_metrics({"a": 1, "b": float("nan"), "c": "x", "d": True, "e": 2.5}) == {
+        "a": 1.0, "e": 2.5}
