@@ -330,3 +330,76 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+class RegistryError(RuntimeError):
+    """The model registry could not be used (MLflow offline or the call failed)."""
+
+
+def _registry_client() -> Any:
+    """A client for the registry at the tracking URI (raises RegistryError when unreachable)."""
+    uri = tracking_uri()
+    try:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        _probe(uri)
+        return _make_client(uri)
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(f"MLflow registry at {_redact_uri(uri)} is unreachable: {exc}") from exc
+
+
+def register_onnx(tracker: Tracker, onnx_path: str | Path, name: str, tags: Mapping[str, Any]) -> str:
+    """Log ``onnx_path`` as an MLflow ONNX model under ``tracker``'s run and register it.
+
+    Returns the new version number (as a string). The model is stored in the
+    MLflow ``onnx`` flavour, so ``mlflow.onnx.load_model("models:/NAME@ALIAS")``
+    and :func:`load_registered_onnx` load it.
+    """
+    import tempfile
+
+    import mlflow.onnx
+    import onnx
+
+    if not tracker.online:
+        raise RegistryError(f"cannot register {onnx_path}: MLflow is offline (see {tracker.offline_path})")
+    client = tracker._client
+    model = onnx.load(str(onnx_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.onnx.save_model(model, str(Path(tmp) / "model"), save_as_external_data=False)
+        client.log_artifacts(tracker.run_id, str(Path(tmp) / "model"), "model")
+    try:
+        client.create_registered_model(name)
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise RegistryError(f"could not create registered model {name!r}: {exc}") from exc
+    version = client.create_model_version(name, source=f"runs:/{tracker.run_id}/model",
+                                          run_id=tracker.run_id, tags=clean_params(tags))
+    return str(version.version)
+
+
+def alias_version(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """``(version, tags)`` of registered model ``name`` at ``alias``, or None when unset."""
+    client = _registry_client()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "error_code", None) in {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}:
+            return None
+        raise RegistryError(f"could not read alias {alias!r} of {name!r}: {exc}") from exc
+    return str(version.version), dict(version.tags)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version``."""
+    _registry_client().set_registered_model_alias(name, alias, version)
+
+
+def load_registered_onnx(model_uri: str) -> Any:
+    """The ``onnx.ModelProto`` behind a registry URI such as ``models:/cal-pose@champion``."""
+    import mlflow
+    import mlflow.onnx
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.onnx.load_model(model_uri)
