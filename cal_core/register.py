@@ -1,0 +1,109 @@
+"""`cal-pose register`: put an ONNX model in the MLflow registry; promote it only if it is better.
+
+The new version always gets registered with its metrics, input size and
+method as tags. Alias ``champion`` moves to it only when its AP beats the
+current champion's AP *on the same validation set* (tag ``val_digest``), or
+when there is no champion yet; otherwise it gets alias ``challenger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cal_core import tracking
+from cal_core.uris import fetch_local
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass
+class Decision:
+    """Which alias a new model version got, and why."""
+
+    name: str
+    version: str
+    alias: str
+    reason: str
+    ap: float
+    previous_champion: str | None
+
+
+def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | None) -> tuple[str, str]:
+    """``(alias, reason)`` for a model with ``ap`` on val set ``val_digest`` given the current champion."""
+    if champion is None:
+        return CHAMPION, "there is no champion yet"
+    version, tags = champion
+    if tags.get("val_digest") != val_digest:
+        return CHALLENGER, (f"champion v{version} was scored on another validation set "
+                            f"({tags.get('val_digest', 'unknown')} vs {val_digest}): APs are not comparable")
+    best = float(tags["AP"])
+    if ap > best:
+        return CHAMPION, f"AP {100 * ap:.2f} beats champion v{version} AP {100 * best:.2f} on the same val set"
+    return CHALLENGER, f"AP {100 * ap:.2f} does not beat champion v{version} AP {100 * best:.2f}"
+
+
+def _model_tags(metrics_doc: dict[str, Any], metadata: dict[str, str]) -> dict[str, str]:
+    """Registry tags: every COCO metric, the val digest, method, input size and provenance."""
+    tags = {name: f"{float(value):.6f}" for name, value in metrics_doc["metrics"].items()}
+    tags["val_digest"] = metrics_doc["val_digest"]
+    for key in ("method", "backbone", "input_size", "training_run_id", "code_version"):
+        if metadata.get(key):
+            tags[key] = metadata[key]
+    return tags
+
+
+def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "cal-pose") -> Decision:
+    """Register ``onnx_path`` as a new version of ``name`` and set its alias; returns the decision."""
+    from cal_core.export import read_metadata
+
+    for key in ("metrics", "val_digest"):
+        if key not in metrics_doc:
+            raise ValueError(f"metrics file lacks {key!r} (is it the metrics.json of `cal-pose evaluate`?)")
+    metadata = read_metadata(onnx_path)
+    if metrics_doc.get("input_size") and metadata.get("input_size") != metrics_doc["input_size"]:
+        raise ValueError(f"model input size {metadata.get('input_size')} does not match the evaluated "
+                         f"input size {metrics_doc['input_size']}")
+    ap = float(metrics_doc["metrics"]["AP"])
+    tags = _model_tags(metrics_doc, metadata)
+    with tracking.stage_run("register", tags={"model_name": name}) as run:
+        run.log_metrics({"AP": ap})
+        version = tracking.register_onnx(run, onnx_path, name, tags)
+        champion = tracking.alias_version(name, CHAMPION)
+        alias, reason = decide(ap, metrics_doc["val_digest"], champion)
+        tracking.set_alias(name, alias, version)
+        decision = Decision(name, version, alias, reason, ap, champion[0] if champion else None)
+        run.set_tags({"alias": alias, "reason": reason, "model_version": version})
+    return decision
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI flags of `cal-pose register`."""
+    parser.add_argument("--model", required=True, help="ONNX model (local path or s3://), e.g. keypoints.onnx")
+    parser.add_argument("--metrics", required=True, help="metrics.json written by `cal-pose evaluate`")
+    parser.add_argument("--name", default="cal-pose", help="registered model name")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Register, set the alias, print ``champion|challenger: why``; 1 if the registry is unusable."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = fetch_local(args.model, Path(tmp) / "model.onnx")
+        metrics_doc = json.loads(fetch_local(args.metrics, Path(tmp) / "metrics.json").read_text())
+        try:
+            decision = register(model, metrics_doc, args.name)
+        except tracking.RegistryError as exc:
+            print(f"register: {exc}", file=sys.stderr)
+            return 1
+    print(f"{decision.alias}: {decision.name} v{decision.version} - {decision.reason}")
+    log.info("registry decision %s", json.dumps(asdict(decision)))
+    return 0

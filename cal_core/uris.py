@@ -1,0 +1,54 @@
+"""Local staging for stages that read and write URIs (local paths or s3://).
+
+Export, evaluate and register work on local files (onnxruntime, pycocotools
+and mlflow want paths). These helpers fetch remote inputs into a temporary
+folder and publish a finished local output folder to its URI, through
+:mod:`cal_core.storage` (the only module that talks to S3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for ``scheme://`` URIs other than ``file://`` (e.g. ``s3://bucket/key``)."""
+    text = str(uri)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(uri: str | Path) -> Path:
+    """The filesystem path of a local URI (plain path or ``file://``)."""
+    text = str(uri)
+    return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+
+
+def fetch_local(uri: str | Path, dst: Path) -> Path:
+    """A local path holding ``uri``'s bytes: the path itself if local, else a download to ``dst``."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        return path
+    from cal_core import storage
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(storage.read_bytes(str(uri)))
+    return dst
+
+
+def output_dir(uri: str | Path, staging: Path) -> Path:
+    """Where to write outputs for ``uri``: the folder itself if local (created), else ``staging``."""
+    path = staging if is_remote(uri) else local_path(uri)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def publish(local_dir: Path, uri: str | Path) -> None:
+    """Upload every file under ``local_dir`` to ``uri`` (no-op when ``uri`` is that local folder)."""
+    if not is_remote(uri):
+        return
+    from cal_core import storage
+
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(str(uri), path.relative_to(local_dir).as_posix()), path.read_bytes())

@@ -1,0 +1,90 @@
+"""cal-pose register: promotion logic against a real sqlite MLflow registry in tmp."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from cal_core import register, tracking
+
+
+def _onnx_file(path: Path, marker: str, input_size: str = "64x48") -> Path:
+    """A one-node ONNX model carrying cal-pose metadata and a ``marker`` to tell versions apart."""
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"method": "cal", "input_size": input_size, "marker": marker})
+    onnx.save(model, str(path))
+    return path
+
+
+def _metrics(ap: float, digest: str = "val-A") -> dict:
+    return {"metrics": {"AP": ap, "AP50": min(1.0, ap + 0.2)}, "val_digest": digest, "input_size": "64x48"}
+
+
+@pytest.fixture()
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
+    return tmp_path
+
+
+def test_decide_rules() -> None:
+    assert register.decide(0.4, "d", None)[0] == "champion"
+    champ = ("3", {"AP": "0.500000", "val_digest": "d"})
+    assert register.decide(0.51, "d", champ)[0] == "champion"
+    alias, why = register.decide(0.5, "d", champ)
+    assert alias == "challenger" and "does not beat" in why
+    alias, why = register.decide(0.9, "other", champ)
+    assert alias == "challenger" and "another validation set" in why
+
+
+def test_first_better_worse_and_loading_the_champion(registry: Path) -> None:
+    first = register.register(_onnx_file(registry / "a.onnx", "first"), _metrics(0.50))
+    assert (first.alias, first.version, first.previous_champion) == ("champion", "1", None)
+    better = register.register(_onnx_file(registry / "b.onnx", "better"), _metrics(0.62))
+    assert (better.alias, better.version, better.previous_champion) == ("champion", "2", "1")
+    worse = register.register(_onnx_file(registry / "c.onnx", "worse"), _metrics(0.55))
+    assert (worse.alias, worse.version) == ("challenger", "3")
+    other_set = register.register(_onnx_file(registry / "d.onnx", "other"), _metrics(0.99, "val-B"))
+    assert other_set.alias == "challenger" and "another validation set" in other_set.reason
+
+    version, tags = tracking.alias_version("cal-pose", "champion")
+    assert version == "2" and float(tags["AP"]) == pytest.approx(0.62)
+    assert tags["method"] == "cal" and tags["input_size"] == "64x48" and tags["val_digest"] == "val-A"
+    champion = tracking.load_registered_onnx("models:/cal-pose@champion")
+    assert {p.key: p.value for p in champion.metadata_props}["marker"] == "better"
+    challenger = tracking.load_registered_onnx("models:/cal-pose@challenger")
+    assert {p.key: p.value for p in challenger.metadata_props}["marker"] == "other"
+
+
+def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys: pytest.CaptureFixture) -> None:
+    (registry / "metrics.json").write_text(json.dumps(_metrics(0.3)))
+    args = argparse.Namespace(model=str(_onnx_file(registry / "m.onnx", "m")),
+                              metrics=str(registry / "metrics.json"), name="pose-x")
+    assert register.run(args) == 0
+    assert capsys.readouterr().out.startswith("champion: pose-x v1 - there is no champion yet")
+    with pytest.raises(ValueError, match="128x96"):
+        register.register(_onnx_file(registry / "n.onnx", "n", "128x96"), _metrics(0.3))
+
+
+def test_unreachable_registry_fails_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps(_metrics(0.3)))
+    args = argparse.Namespace(model=str(_onnx_file(tmp_path / "m.onnx", "m")),
+                              metrics=str(tmp_path / "metrics.json"), name="cal-pose")
+    assert register.run(args) == 1
+    assert "MLflow is offline" in capsys.readouterr().err
