@@ -1,0 +1,167 @@
+"""What every codec shares: heatmap geometry (UDP), per-resolution settings, argmax decoding.
+
+A codec turns keypoints in input pixels into training targets on the
+heatmap grid (``encode``) and turns network outputs back into keypoints in
+input pixels (``decode`` in torch, ``decode_numpy`` as the reference).
+
+Heatmap geometry follows UDP (Huang et al., CVPR 2020): the heatmap is
+``input // 4`` and the input -> heatmap scale is ``(W_hm - 1) / (W_in - 1)``
+along x and ``(H_hm - 1) / (H_in - 1)`` along y, so the first and last pixel
+centres of the input and of the heatmap coincide and no half-pixel bias
+enters encode or decode.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+#: Heatmap stride of every backbone (output = input / 4).
+HEATMAP_STRIDE = 4
+
+Targets = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """Per-method, per-resolution target parameters, all in heatmap pixels.
+
+    ``sigma`` is the Gaussian standard deviation of Eq. 2, ``radius`` the disk
+    radius R of Eqs. 6-7 and ``offset_norm`` the length the offsets of Eq. 7 are
+    divided by in the targets (and multiplied by again when decoding).
+    ``blur_kernel`` is DARK's smoothing kernel size (odd) and ``quarter_shift``
+    switches the heatmap codec's quarter-pixel shift toward the higher neighbour.
+    """
+
+    sigma: float
+    radius: float
+    offset_norm: float
+    blur_kernel: int = 3
+    quarter_shift: bool = True
+
+
+class Codec(ABC):
+    """Encode keypoints (input px) as targets on the heatmap grid and decode network outputs back."""
+
+    name: ClassVar[str]
+    has_offsets: ClassVar[bool] = False
+
+    def __init__(self, input_size: tuple[int, int], settings: CodecSettings) -> None:
+        height, width = (int(v) for v in input_size)
+        if height < 2 * HEATMAP_STRIDE or width < 2 * HEATMAP_STRIDE:
+            raise ValueError(f"input_size {input_size} too small: the heatmap (input / 4) needs >= 2x2 pixels")
+        if settings.sigma <= 0 or settings.radius <= 0 or settings.offset_norm <= 0:
+            raise ValueError(f"sigma, radius and offset_norm must be positive, got {settings}")
+        if settings.blur_kernel < 1 or settings.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be a positive odd integer, got {settings.blur_kernel}")
+        self.input_size = (height, width)
+        self.heatmap_size = (height // HEATMAP_STRIDE, width // HEATMAP_STRIDE)
+        self.settings = settings
+        hm_h, hm_w = self.heatmap_size
+        #: input px per heatmap px along (x, y): (W_in - 1) / (W_hm - 1), (H_in - 1) / (H_hm - 1)
+        self.stride = np.array([(width - 1) / (hm_w - 1), (height - 1) / (hm_h - 1)])
+
+    @property
+    def sigma(self) -> float:
+        return self.settings.sigma
+
+    @property
+    def radius(self) -> float:
+        return self.settings.radius
+
+    @property
+    def offset_norm(self) -> float:
+        return self.settings.offset_norm
+
+    def config(self) -> dict[str, object]:
+        """Plain-data description (name, input size, settings) for checkpoints and run tracking."""
+        return {"name": self.name, "input_size": list(self.input_size), **asdict(self.settings)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(input_size={self.input_size}, {self.settings})"
+
+    def input_to_heatmap(self, points: np.ndarray) -> np.ndarray:
+        """Points ``(..., 2)`` in input pixels -> heatmap pixels (UDP scale)."""
+        return np.asarray(points, dtype=np.float64) / self.stride
+
+    def heatmap_to_input(self, points: np.ndarray) -> np.ndarray:
+        """Points ``(..., 2)`` in heatmap pixels -> input pixels (UDP scale)."""
+        return np.asarray(points, dtype=np.float64) * self.stride
+
+    def joint_weights(self, joints_hm: np.ndarray, visibility: np.ndarray) -> np.ndarray:
+        """``(K,)`` float32: 1 where a joint is labelled (``v > 0``) and its nearest heatmap pixel exists."""
+        hm_h, hm_w = self.heatmap_size
+        x, y = joints_hm[:, 0], joints_hm[:, 1]
+        inside = (x >= -0.5) & (x < hm_w - 0.5) & (y >= -0.5) & (y < hm_h - 0.5)
+        return ((np.asarray(visibility) > 0) & inside & np.isfinite(joints_hm).all(axis=1)).astype(np.float32)
+
+    def _prepare(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validate encode's input; return joints in heatmap px (0 where unweighted) and the weights."""
+        kpts = np.asarray(keypoints, dtype=np.float64)
+        vis = np.asarray(visibility)
+        if kpts.ndim != 2 or kpts.shape[1] != 2 or vis.shape != (kpts.shape[0],):
+            raise ValueError(f"encode needs keypoints (K, 2) and visibility (K,), got {kpts.shape}, {vis.shape}")
+        joints_hm = self.input_to_heatmap(np.nan_to_num(kpts, nan=-1e6))
+        weights = self.joint_weights(joints_hm, vis)
+        return np.where(weights[:, None] > 0, joints_hm, 0.0), weights
+
+    def _squared_distances(self, joints_hm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per joint and heatmap pixel p: ``p - y`` along x ``(K, 1, w)``, y ``(K, h, 1)`` and ``|p - y|^2``."""
+        hm_h, hm_w = self.heatmap_size
+        dx = np.arange(hm_w, dtype=np.float32)[None, None, :] - joints_hm[:, 0, None, None].astype(np.float32)
+        dy = np.arange(hm_h, dtype=np.float32)[None, :, None] - joints_hm[:, 1, None, None].astype(np.float32)
+        return dx, dy, dx * dx + dy * dy
+
+    def gaussian(self, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Eq. 2: ``C(p) = exp(-|p - y|^2 / (2 sigma^2))`` at the exact sub-pixel joint, ``(K, h, w)``."""
+        _, _, d2 = self._squared_distances(joints_hm)
+        heat = np.exp(d2 * np.float32(-0.5 / self.sigma**2))
+        heat *= weights[:, None, None]
+        return heat
+
+    @abstractmethod
+    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
+        """Targets (dict of float32 arrays) and ``(K,)`` float32 weights for one person."""
+
+    @abstractmethod
+    def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched torch decode: ``(N, K, h, w)`` (+ offsets) -> keypoints ``(N, K, 2)`` input px, scores ``(N, K)``."""
+
+    @abstractmethod
+    def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reference decode in numpy with the same contract as :meth:`decode`."""
+
+    def _check_heatmap(self, heatmap: torch.Tensor | np.ndarray) -> None:
+        if heatmap.ndim != 4 or tuple(heatmap.shape[2:]) != self.heatmap_size:
+            raise ValueError(
+                f"{self.name} decode needs heatmaps (N, K, {self.heatmap_size[0]}, {self.heatmap_size[1]}), "
+                f"got {tuple(heatmap.shape)}"
+            )
+
+
+def argmax_torch(heatmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat argmax per map (ONNX-friendly: flatten + argmax + gather).
+
+    Returns the flat index ``(N, K)`` int64, the integer pixel ``(N, K, 2)`` as
+    float (x, y) and the maximum value ``(N, K)`` (the keypoint score).
+    """
+    n, k, _, w = heatmap.shape
+    flat = heatmap.reshape(n, k, -1)
+    index = flat.argmax(dim=-1)
+    score = flat.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    x = torch.remainder(index, w)
+    y = torch.div(index, w, rounding_mode="floor")
+    return index, torch.stack([x, y], dim=-1).to(heatmap.dtype), score
+
+
+def argmax_numpy(heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numpy reference of :func:`argmax_torch`: flat index, pixel ``(x, y)`` and max value."""
+    n, k, h, w = heatmap.shape
+    index = heatmap.reshape(n, k, -1).argmax(axis=-1)
+    ys, xs = np.unravel_index(index, (h, w))
+    score = np.take_along_axis(heatmap.reshape(n, k, -1), index[..., None], axis=-1)[..., 0]
+    return index, np.stack([xs, ys], axis=-1).astype(np.float64), score

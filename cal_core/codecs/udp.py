@@ -1,0 +1,79 @@
+"""UDP offset codec (Huang et al., CVPR 2020; paper Sec. 3.2): binary disk + offset fields.
+
+Targets per joint ``y`` (heatmap pixels) and heatmap pixel ``p``:
+- Eq. 6, the disk ``B(p) = 1 if |p - y| <= R else 0``;
+- Eq. 7, the offsets ``O(p) = (y - p) / offset_norm`` inside the disk, 0 outside
+  (x then y), normalised so the regression targets are O(1).
+Decoding is Eq. 9: ``y_hat = argmax_p B_hat + offset_norm * O_hat(argmax_p B_hat)``,
+exact for ground-truth targets because any disk pixel points at ``y``.
+
+Defaults (heatmap pixels) follow the authors' configs (``KPD: 4.0`` disk radius,
+``LOCREF_STDEV: 1.5`` offset normalisation, at 64x48 and 128x96); their 256x192
+config publishes no CAL offset settings, so the same R = 4 and 1.5 are kept.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from cal_core.codecs.base import Codec, CodecSettings, Targets, argmax_numpy, argmax_torch
+
+
+class UdpCodec(Codec):
+    """Binary disk heatmap (Eq. 6) + normalised offsets (Eq. 7); decode Eq. 9."""
+
+    name: ClassVar[str] = "udp"
+    has_offsets: ClassVar[bool] = True
+
+    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The heatmap the network regresses: UDP uses the disk B itself (a copy, so targets never alias)."""
+        return disk.copy()
+
+    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
+        """``{"heatmap", "disk" (K, h, w), "offset" (K, 2, h, w)}`` and ``(K,)`` weights (zeros where 0)."""
+        joints_hm, weights = self._prepare(keypoints, visibility)
+        dx, dy, d2 = self._squared_distances(joints_hm)
+        disk = ((d2 <= np.float32(self.radius**2)) & (weights[:, None, None] > 0)).astype(np.float32)
+        scale = np.float32(-1.0 / self.offset_norm)  # O = (y - p) / norm = -(p - y) / norm
+        offset = np.empty((disk.shape[0], 2, *disk.shape[1:]), dtype=np.float32)
+        np.multiply(dx * scale, disk, out=offset[:, 0])
+        np.multiply(dy * scale, disk, out=offset[:, 1])
+        heatmap = self.heatmap_target(disk, joints_hm, weights).astype(np.float32, copy=False)
+        return {"heatmap": heatmap, "disk": disk, "offset": offset}, weights
+
+    def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 9 on ``(N, K, h, w)`` heatmaps and ``(N, K, 2, h, w)`` normalised offsets."""
+        self._check_heatmap(heatmap)
+        self._check_offset(heatmap, offset)
+        n, k, h, w = heatmap.shape
+        index, xy, score = argmax_torch(heatmap)
+        picked = offset.reshape(n, k, 2, h * w).gather(-1, index[:, :, None, None].expand(n, k, 2, 1))
+        stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
+        return (xy + picked.squeeze(-1) * self.offset_norm) * stride, score
+
+    def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy reference of :meth:`decode`."""
+        heatmap = np.asarray(heatmap, dtype=np.float64)
+        self._check_heatmap(heatmap)
+        self._check_offset(heatmap, offset)
+        _, xy, score = argmax_numpy(heatmap)
+        nn, kk = np.meshgrid(np.arange(heatmap.shape[0]), np.arange(heatmap.shape[1]), indexing="ij")
+        picked = np.asarray(offset, dtype=np.float64)[nn, kk, :, xy[..., 1].astype(int), xy[..., 0].astype(int)]
+        return (xy + picked * self.offset_norm) * self.stride, score
+
+    def _check_offset(self, heatmap: torch.Tensor | np.ndarray, offset: torch.Tensor | np.ndarray | None) -> None:
+        expected = (heatmap.shape[0], heatmap.shape[1], 2, *self.heatmap_size)
+        if offset is None or tuple(offset.shape) != expected:
+            got = None if offset is None else tuple(offset.shape)
+            raise ValueError(f"{self.name} decode needs offsets of shape {expected}, got {got}")
+
+
+#: Per input size (H, W); sigma is unused by UDP and kept equal to CAL's for a like-for-like config.
+UDP_DEFAULTS: dict[tuple[int, int], CodecSettings] = {
+    (64, 48): CodecSettings(sigma=0.3, radius=4.0, offset_norm=1.5),
+    (128, 96): CodecSettings(sigma=1.0, radius=4.0, offset_norm=1.5),
+    (256, 192): CodecSettings(sigma=2.0, radius=4.0, offset_norm=1.5),
+}

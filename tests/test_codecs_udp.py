@@ -1,0 +1,73 @@
+"""UDP codec: disk (Eq. 6) and offsets (Eq. 7) by hand, exact round trip (Eq. 9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cal_core.codecs import build_codec
+from tests.codec_cases import SIZES, random_joints, round_trip
+
+
+def _one_joint(codec_name: str, **settings: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    codec = build_codec(codec_name, (64, 48), **settings)
+    kpts = np.zeros((17, 2))
+    kpts[3] = [3.5 * 47 / 11, 7.25 * 4.2]  # heatmap (3.5, 7.25)
+    vis = np.zeros(17)
+    vis[3] = 1
+    return codec.encode(kpts, vis)
+
+
+def test_disk_and_offsets_by_hand() -> None:
+    targets, weights = _one_joint("udp", radius=4.0, offset_norm=1.5)
+    disk, offset = targets["disk"][3], targets["offset"][3]
+    assert targets["offset"].shape == (17, 2, 16, 12)
+    np.testing.assert_array_equal(targets["heatmap"], targets["disk"])  # UDP regresses B itself
+    # (x=3, y=7): y - p = (0.5, 0.25), divided by 1.5
+    assert disk[7, 3] == 1.0
+    np.testing.assert_allclose(offset[:, 7, 3], [0.5 / 1.5, 0.25 / 1.5], rtol=1e-6)
+    # (x=7, y=7): distance 3.509 <= 4, offset (-3.5, 0.25) / 1.5
+    np.testing.assert_allclose(offset[:, 7, 7], [-3.5 / 1.5, 0.25 / 1.5], rtol=1e-6)
+    # (x=8, y=7): distance sqrt(4.5^2 + 0.25^2) = 4.507 > 4 -> outside, zero offset
+    assert disk[7, 8] == 0.0 and not offset[:, 7, 8].any()
+    # disk pixels: integer p with (x - 3.5)^2 + (y - 7.25)^2 <= 16, counted independently
+    ys, xs = np.mgrid[0:16, 0:12]
+    assert disk.sum() == np.count_nonzero((xs - 3.5) ** 2 + (ys - 7.25) ** 2 <= 16)
+    assert weights[3] == 1.0 and weights.sum() == 1.0
+    assert not targets["disk"][4].any() and not targets["offset"][4].any()
+
+
+@pytest.mark.parametrize("name", ["udp", "cal"])
+@pytest.mark.parametrize("size", SIZES)
+def test_round_trip_is_exact(name: str, size: tuple[int, int]) -> None:
+    codec = build_codec(name, size)
+    joints = random_joints(codec, 200, seed=7)
+    decoded, decoded_np = round_trip(codec, joints)
+    assert np.abs(decoded - joints).max() < 1e-3  # input pixels
+    assert np.abs(decoded_np - joints).max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["udp", "cal"])
+def test_torch_decode_matches_numpy_on_random_outputs(name: str) -> None:
+    codec = build_codec(name, (128, 96))
+    rng = np.random.default_rng(8)
+    heat = rng.random((3, 17, 32, 24)).astype(np.float32)
+    offset = rng.normal(size=(3, 17, 2, 32, 24)).astype(np.float32)
+    kpts, scores = codec.decode(torch.from_numpy(heat), torch.from_numpy(offset))
+    kpts_np, scores_np = codec.decode_numpy(heat, offset)
+    np.testing.assert_allclose(kpts.numpy(), kpts_np, atol=1e-4)
+    np.testing.assert_allclose(scores.numpy(), scores_np)
+    # Eq. 9 by hand for one joint: argmax pixel + 1.5 * offset there, times the stride
+    n, k = 1, 5
+    y, x = np.unravel_index(heat[n, k].argmax(), (32, 24))
+    expected = (np.array([x, y]) + 1.5 * offset[n, k, :, y, x]) * codec.stride
+    np.testing.assert_allclose(kpts_np[n, k], expected)
+
+
+def test_decode_requires_offsets() -> None:
+    codec = build_codec("udp", (64, 48))
+    with pytest.raises(ValueError, match="offsets"):
+        codec.decode(torch.zeros(1, 17, 16, 12))
+    with pytest.raises(ValueError, match="offsets"):
+        codec.decode_numpy(np.zeros((1, 17, 16, 12)), np.zeros((1, 17, 16, 12)))
