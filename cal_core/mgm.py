@@ -302,11 +302,12 @@ def _floored(params: GMMParams, min_variance: float) -> GMMParams:
     return GMMParams(params.weights, params.means, new)
 
 
-def _template_density(params: GMMParams, radius: int) -> torch.Tensor:
-    """H(z) on the grid Z = [-R..R]^2, rows y, columns x, float64 (Alg. 1 line 4)."""
-    if radius < 0 or int(radius) != radius:
-        raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
-    grid = torch.arange(-radius, radius + 1, dtype=torch.float64, device=params.weights.device)
+def _template_density(params: GMMParams, radius: float) -> torch.Tensor:
+    """H(z) on the integer grid Z = [-floor(R)..floor(R)]^2, rows y, columns x, float64 (Alg. 1 line 4)."""
+    if not radius >= 0:
+        raise ValueError(f"radius must be >= 0, got {radius!r}")
+    half = math.floor(radius)
+    grid = torch.arange(-half, half + 1, dtype=torch.float64, device=params.weights.device)
     return torch.logsumexp(_log_weighted_densities(grid[None, :], grid[:, None], params), dim=0).exp()
 
 
@@ -318,13 +319,13 @@ def _normalise(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> t
     return torch.where(flat, torch.ones_like(values), scaled.clamp(0.0, 1.0))
 
 
-def mask_template(params: GMMParams, radius: int, min_variance: float = MIN_VARIANCE) -> torch.Tensor:
-    """Alg. 1 lines 4-5: normalised density on Z, (2R+1, 2R+1) float32, centre = zero displacement."""
+def mask_template(params: GMMParams, radius: float, min_variance: float = MIN_VARIANCE) -> torch.Tensor:
+    """Alg. 1 lines 4-5: normalised density on Z, (2R+1, 2R+1) float32 (R = floor(radius)), centre = zero displacement."""
     dens = _template_density(_floored(params.to(params.weights.device), min_variance), radius)
     return _normalise(dens, dens.min(), dens.max()).float()
 
 
-def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[int, int], radius: int,
+def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[int, int], radius: float,
                 min_variance: float = MIN_VARIANCE) -> torch.Tensor:
     """Eq. 13: ``m(p) = norm(H(p - y))`` inside the disk |p - y| <= R, 0 outside; (N, K, h, w) float32.
 
@@ -349,7 +350,7 @@ def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[
 
 @torch.no_grad()
 def batch_masks(heatmap: torch.Tensor, joints_hm: torch.Tensor, weights: torch.Tensor, params: GMMParams,
-                radius: int, max_iter: int = 20) -> tuple[torch.Tensor, GMMParams]:
+                radius: float, max_iter: int = 20) -> tuple[torch.Tensor, GMMParams]:
     """Alg. 1 for one mini-batch: displacements, EM warm-started from ``params``, masks.
 
     Returns the MGMs (N, K, h, w) and the refitted mixture (the next batch's warm start).

@@ -113,6 +113,11 @@ def test_template_axes_are_x_columns_and_y_rows():
     tpl = mgm.mask_template(params([1.0], [[2.0, 0.0]], [np.eye(2) * 0.5]), 3)
     assert tpl.shape == (7, 7)
     assert divmod(int(tpl.argmax()), 7) == (3, 5)
+    # The codecs' float radius: Z uses floor(R), the disk the exact R.
+    assert mgm.mask_template(mgm.default_params(), 4.0).shape == (9, 9)
+    assert mgm.mask_template(mgm.default_params(), 2.5).shape == (5, 5)
+    with pytest.raises(ValueError, match="radius"):
+        mgm.mask_template(mgm.default_params(), -1)
 
 
 def test_place_masks_peak_range_and_support():
