@@ -302,27 +302,33 @@ def _floored(params: GMMParams, min_variance: float) -> GMMParams:
     return GMMParams(params.weights, params.means, new)
 
 
-def _template_density(params: GMMParams, radius: float) -> torch.Tensor:
-    """H(z) on the integer grid Z = [-floor(R)..floor(R)]^2, rows y, columns x, float64 (Alg. 1 line 4)."""
+def _template_log_density(params: GMMParams, radius: float) -> torch.Tensor:
+    """log H(z) on the integer grid Z = [-floor(R)..floor(R)]^2, rows y, columns x, float64 (Alg. 1 line 4)."""
     if not radius >= 0:
         raise ValueError(f"radius must be >= 0, got {radius!r}")
     half = math.floor(radius)
     grid = torch.arange(-half, half + 1, dtype=torch.float64, device=params.weights.device)
-    return torch.logsumexp(_log_weighted_densities(grid[None, :], grid[:, None], params), dim=0).exp()
+    return torch.logsumexp(_log_weighted_densities(grid[None, :], grid[:, None], params), dim=0)
 
 
-def _normalise(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation (Alg. 1 line 5); a flat density (high == low) maps to 1."""
-    span = high - low
-    flat = span <= 1e-12 * high.abs().clamp_min(1e-300)
-    scaled = (values - low) / torch.where(flat, torch.ones_like(span), span)
-    return torch.where(flat, torch.ones_like(values), scaled.clamp(0.0, 1.0))
+def _normalise(ratio: torch.Tensor, low_ratio: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation (Alg. 1 line 5) of densities given relative to the template max.
+
+    ``(H - H_min) / (H_max - H_min) = (ratio - low_ratio) / (1 - low_ratio)`` with
+    ``ratio = H / H_max``: working in ratios avoids float underflow of tiny densities.
+    A flat template (``H_min == H_max``) maps to 1 everywhere.
+    """
+    span = 1.0 - low_ratio
+    flat = span <= 1e-12
+    scaled = (ratio - low_ratio) / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, torch.ones_like(ratio), scaled.clamp(0.0, 1.0))
 
 
 def mask_template(params: GMMParams, radius: float, min_variance: float = MIN_VARIANCE) -> torch.Tensor:
     """Alg. 1 lines 4-5: normalised density on Z, (2R+1, 2R+1) float32 (R = floor(radius)), centre = zero displacement."""
-    dens = _template_density(_floored(params.to(params.weights.device), min_variance), radius)
-    return _normalise(dens, dens.min(), dens.max()).float()
+    log_dens = _template_log_density(_floored(params.to(params.weights.device), min_variance), radius)
+    ratio = torch.exp(log_dens - log_dens.max())
+    return _normalise(ratio, ratio.min()).float()
 
 
 def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[int, int], radius: float,
@@ -336,16 +342,18 @@ def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[
         raise ValueError(f"joints_hm must be (N, K, 2), got {tuple(joints_hm.shape)}")
     height, width = heatmap_size
     floored = _floored(params.to(joints_hm.device), min_variance)
-    template = _template_density(floored, radius)
-    low, high = template.min().float(), template.max().float()
+    log_template = _template_log_density(floored, radius)
+    log_high = log_template.max()
+    low_ratio = torch.exp(log_template.min() - log_high).float()
     joints = joints_hm.detach().float()
     xs = torch.arange(width, dtype=torch.float32, device=joints.device)
     ys = torch.arange(height, dtype=torch.float32, device=joints.device)
     dx = xs.view(1, 1, 1, width) - joints[..., 0, None, None]
     dy = ys.view(1, 1, height, 1) - joints[..., 1, None, None]
     inside = dx * dx + dy * dy <= float(radius) ** 2
-    dens = torch.logsumexp(_log_weighted_densities(dx, dy, floored.to(joints.device, torch.float32)), 0).exp()
-    return torch.where(inside, _normalise(dens, low, high), torch.zeros_like(dens))
+    log_dens = _log_weighted_densities(dx, dy, floored.to(joints.device, torch.float32))
+    ratio = torch.exp(log_dens - log_high.float()).sum(dim=0)
+    return torch.where(inside, _normalise(ratio, low_ratio), torch.zeros_like(ratio))
 
 
 @torch.no_grad()

@@ -193,6 +193,12 @@ def test_degenerate_single_joint_and_equal_displacements(fit):
 def test_degenerate_flat_density_and_bad_joints():
     huge = params([1.0], [[0.0, 0.0]], [np.eye(2) * 1e30])
     assert torch.all(mgm.mask_template(huge, 2) == 1)
+    # Mean far outside Z with the floor variance: every density underflows (exp(-8000)); the
+    # normalisation works in ratios to the template max, so the template still peaks at the corner.
+    far = params([1.0], [[30.0, 30.0]], [np.eye(2) * 1e-6])
+    tpl = mgm.mask_template(far, 4)
+    assert torch.isfinite(tpl).all() and tpl[8, 8] == 1 and tpl[0, 0] == 0
+    _finite_mask(far)
     masks = _finite_mask(mgm.default_params(), joints=((float("nan"), 3.0), (100.0, -50.0)))
     assert torch.all(masks == 0)
     with pytest.raises(ValueError, match="NaN"):
