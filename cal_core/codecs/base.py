@@ -117,11 +117,18 @@ class Codec(ABC):
         return dx, dy, dx * dx + dy * dy
 
     def gaussian(self, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Eq. 2: ``C(p) = exp(-|p - y|^2 / (2 sigma^2))`` at the exact sub-pixel joint, ``(K, h, w)``."""
-        _, _, d2 = self._squared_distances(joints_hm)
-        heat = np.exp(d2 * np.float32(-0.5 / self.sigma**2))
-        heat *= weights[:, None, None]
-        return heat
+        """Eq. 2: ``C(p) = exp(-|p - y|^2 / (2 sigma^2))`` at the exact sub-pixel joint, ``(K, h, w)``.
+
+        Computed separably, ``exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2)``, which is the
+        same function with h + w instead of h * w exponentials per joint.
+        """
+        hm_h, hm_w = self.heatmap_size
+        scale = np.float32(-0.5 / self.sigma**2)
+        dx = np.arange(hm_w, dtype=np.float32)[None, :] - joints_hm[:, 0, None].astype(np.float32)
+        dy = np.arange(hm_h, dtype=np.float32)[None, :] - joints_hm[:, 1, None].astype(np.float32)
+        gx = np.exp(dx * dx * scale) * weights[:, None]
+        gy = np.exp(dy * dy * scale)
+        return gy[:, :, None] * gx[:, None, :]
 
     @abstractmethod
     def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
