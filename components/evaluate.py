@@ -1,0 +1,31 @@
+"""Component: COCO keypoint AP (pycocotools) of the ONNX model on the validation shards.
+
+Writes the evaluation folder (metrics.json, report.md, overlays), the KFP
+Metrics (every number of metrics.json's ``metrics``) and the report as a
+Markdown artifact shown in the KFP UI.
+"""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.images import image
+
+
+@dsl.component(base_image=image("eval"), install_kfp_package=False)
+def evaluate(onnx_model: Input[Model], shards: Input[Dataset], input_size: str, flip_test: bool,
+             experiment: str, parent_run_id: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+             report: Output[Markdown]) -> None:
+    """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.runtime import run_stage
+
+    argv = ["evaluate", "--model", f"{onnx_model.path}/keypoints.onnx", "--shards", f"{shards.path}/{input_size}",
+            "--out", evaluation.path]
+    run_stage(argv + ([] if flip_test else ["--no-flip"]), experiment, parent_run_id)
+    doc = json.loads((Path(evaluation.path) / "metrics.json").read_text())
+    for name, value in doc["metrics"].items():
+        metrics.log_metric(name, float(value))
+    shutil.copyfile(Path(evaluation.path) / "report.md", report.path)

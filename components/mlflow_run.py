@@ -1,0 +1,27 @@
+"""Component: the pipeline's MLflow parent run, so every stage's run is its child.
+
+Locally, ``make run`` opens the parent run itself and exports
+``CAL_POSE_PARENT_RUN_ID``; this component then just hands that id on. In a
+cluster nothing has opened one, so it starts a run named after the KFP run
+(tag ``kfp.run_id``) and returns its id; every stage receives it as a
+parameter. It returns "" when MLflow is unreachable (stages then log offline).
+"""
+
+from kfp import dsl
+
+from components.images import image
+
+
+@dsl.component(base_image=image("data"), install_kfp_package=False)
+def open_pipeline_run(experiment: str, kfp_run_id: str, kfp_run_name: str) -> str:
+    """Return the MLflow parent run id for this pipeline run (existing or new)."""
+    import os
+
+    from cal_core import tracking
+
+    existing = os.environ.get(tracking.PARENT_ENV, "")
+    if existing:
+        return existing
+    run = tracking.start_run(f"pipeline {kfp_run_name}", experiment,
+                             tags={"cal_pose.stage": "pipeline", "kfp.run_id": kfp_run_id})
+    return run.run_id or ""

@@ -1,0 +1,61 @@
+"""What every component body does: set the tracking environment and run one ``cal-pose`` command.
+
+Imported inside component functions (their source is shipped alone), so it
+lives in the installed package, not in the component file.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cal_core import tracking
+from cal_core.cli import main
+
+
+def run_stage(argv: list[str], experiment: str, parent_run_id: str) -> None:
+    """Run ``cal-pose <argv>`` in this process as a child run of ``parent_run_id``; raise on failure.
+
+    The experiment and parent run travel as environment variables (the CLI
+    contract), so the stage's MLflow run lands under the pipeline's run.
+    """
+    if experiment:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    if parent_run_id:
+        os.environ[tracking.PARENT_ENV] = parent_run_id
+    print("cal-pose " + " ".join(argv), flush=True)
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"`cal-pose {argv[0]}` failed with exit code {code}")
+
+
+def flag(value: str, name: str) -> list[str]:
+    """``[name, value]`` when ``value`` is set, else ``[]`` (optional CLI flags from pipeline strings)."""
+    return [name, value] if value else []
+
+
+def copy_file(uri: str, dst: str) -> None:
+    """Copy ``uri`` (local path or s3://) to the local file ``dst``."""
+    import shutil
+    from pathlib import Path
+
+    from cal_core.uris import fetch_local
+
+    target = Path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = fetch_local(uri, target)
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+
+
+def train_model(argv: list[str], model_dir: str, work_uri: str, kfp_run_id: str, stage: int, experiment: str,
+                parent_run_id: str) -> None:
+    """``cal-pose train <argv> --out ... --resume``; the final ``model.pt`` ends up in ``model_dir``.
+
+    With ``work_uri`` the training folder is ``<work_uri>/<kfp_run_id>/stage<N>`` (it survives a
+    retried pod, so ``--resume`` continues), else the artifact folder itself.
+    """
+    out = f"{work_uri.rstrip('/')}/{kfp_run_id}/stage{stage}" if work_uri else model_dir
+    run_stage(["train", *argv, "--out", out, "--resume", "--experiment", experiment,
+               "--run-name", f"train-stage{stage}"], experiment, parent_run_id)
+    if out != model_dir:
+        copy_file(f"{out}/model.pt", f"{model_dir}/model.pt")

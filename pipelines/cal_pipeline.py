@@ -1,0 +1,150 @@
+"""The cal-pose DAG (DESIGN.md §3): downsample -> train stage 1 -> fit GMM -> train stage 2 -> export -> evaluate -> register.
+
+The DAG is plain on purpose - no ``dsl.If`` or ``dsl.ParallelFor`` - because
+kfp.local 2.16 does not evaluate conditions and fails on loops, and the same
+pipeline must run locally (``make run``) and in a cluster. For methods other
+than ``cal`` the fit-GMM and stage-2 tasks pass through (see components/).
+
+Cluster settings live on the tasks and are ignored by kfp.local: GPU
+(``nvidia.com/gpu``) and memory requests, retries for training (which resumes),
+caching for downsampling, and the environment from Kubernetes: S3 and MLflow
+credentials from Secrets, endpoints from a ConfigMap (names below; the Helm
+chart in charts/cal-pose creates them). No credential is ever a parameter.
+"""
+
+
+import os
+
+from kfp import dsl, kubernetes
+
+from components.downsample import downsample
+from components.evaluate import evaluate
+from components.export_onnx import export_onnx
+from components.fit_gmm import fit_gmm
+from components.mlflow_run import open_pipeline_run
+from components.register import register
+from components.train import train_stage1, train_stage2
+
+PIPELINE_NAME = "cal-pose"
+#: Kubernetes objects the tasks read their environment from (override at compile time).
+S3_SECRET = os.environ.get("CAL_POSE_S3_SECRET", "cal-pose-s3")
+MLFLOW_SECRET = os.environ.get("CAL_POSE_MLFLOW_SECRET", "cal-pose-mlflow")
+CONFIG_MAP = os.environ.get("CAL_POSE_CONFIG_MAP", "cal-pose-config")
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}
+#: Retries of a training task (each resumes from the last checkpoint).
+TRAIN_RETRIES = 3
+
+
+def _environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Endpoints from the ConfigMap, S3 keys from their Secret, optional MLflow login from its Secret."""
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_KEYS)
+    kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS)
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS, optional=True)
+    return task
+
+
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
+    """CPU/memory requests (memory also as limit) and, for GPU stages, one ``nvidia.com/gpu``."""
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if gpu:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    return _environment(task)
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Low-resolution human pose estimation with Confidence-Aware "
+              "Learning (CAL): COCO -> low-res shards -> two-stage training with Mixed Gaussian Masks -> "
+              "ONNX -> COCO keypoint AP -> MLflow registry.")
+def cal_pipeline(
+    coco_uri: str = "s3://cal-pose/coco",
+    input_size: str = "64x48",
+    method: str = "cal",
+    backbone: str = "hrnet_w32",
+    epochs_stage1: int = 210,
+    epochs_stage2: int = 30,
+    batch_size: int = 64,
+    lr: float = 0.001,
+    lr_steps: str = "170,200",
+    gmm_components: str = "auto",
+    max_gmm_components: int = 3,
+    mgm_update: str = "static",
+    flip_test: bool = True,
+    amp: bool = True,
+    seed: int = 0,
+    workers: int = 4,
+    detections_uri: str = "",
+    det_score_thr: float = 0.0,
+    train_split: str = "train",
+    val_split: str = "val",
+    work_uri: str = "",
+    mlflow_experiment: str = "cal-pose",
+    model_name: str = "cal-pose",
+) -> str:
+    """Train and evaluate one low-resolution pose model; returns the registry decision.
+
+    Args:
+        coco_uri: COCO-layout dataset (local folder or s3://bucket/prefix) with
+            annotations/person_keypoints_{train,val}2017.json and the image folders.
+        input_size: network input "HxW": 64x48, 128x96 or 256x192 (heatmaps are input/4).
+        method: heatmap, dark, udp or cal. Only cal runs fit-GMM and stage 2; the others pass through them.
+        backbone: tiny, hrnet_w18_small, hrnet_w32, hrnet_w48 or resnet50.
+        epochs_stage1: epochs of stage 1 (every method).
+        epochs_stage2: epochs of CAL stage 2 (Eq. 15, with Mixed Gaussian Masks).
+        batch_size: training batch size per GPU.
+        lr: Adam learning rate (both stages).
+        lr_steps: comma-separated epochs at which the learning rate drops x0.1.
+        gmm_components: GMM components for the masks: a number, or "auto" to pick by BIC.
+        max_gmm_components: largest number of components "auto" may pick.
+        mgm_update: stage-2 masks: "static" (the fitted GMM) or "batch" (refit per mini-batch, as in the paper).
+        flip_test: average the prediction with the mirrored image's at export/evaluation.
+        amp: mixed-precision training on the GPU.
+        seed: random seed of training.
+        workers: worker processes for downsampling and data loading.
+        detections_uri: optional COCO-format person detections (JSON) for the val split; empty = ground-truth boxes.
+        det_score_thr: minimum detection score kept when detections_uri is set.
+        train_split: COCO split used for training ("train" -> train2017).
+        val_split: COCO split used for evaluation ("val" -> val2017).
+        work_uri: optional s3:// prefix for resumable training folders (a retried training task resumes
+            from <work_uri>/<run id>/stage<N>/last.pt); empty = train inside the artifact folder.
+        mlflow_experiment: MLflow experiment of the pipeline run and its stage runs.
+        model_name: MLflow registered model name (alias "champion" moves only to a better model).
+    """
+    parent = _resources(open_pipeline_run(experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                          kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "250m", "512Mi")
+    parent.set_caching_options(False).set_display_name("mlflow-parent-run")
+    tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
+
+    shards = {}
+    for name, split, detections in (("train", train_split, ""), ("val", val_split, detections_uri)):
+        task = downsample(coco_uri=coco_uri, split=split, input_size=input_size, detections_uri=detections,
+                          det_score_thr=det_score_thr, workers=workers, experiment=mlflow_experiment)
+        _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{name}")
+        shards[name] = task.outputs["shards"]
+
+    training = {"input_size": input_size, "method": method, "backbone": backbone, "batch_size": batch_size,
+                "lr": lr, "lr_steps": lr_steps, "seed": seed, "amp": amp, "workers": workers,
+                "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
+    stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, **training)
+    _resources(stage1, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
+
+    gmm = fit_gmm(checkpoint=stage1.outputs["model"], shards=shards["train"], input_size=input_size, method=method,
+                  components=gmm_components, max_components=max_gmm_components, **tracking)
+    _resources(gmm, "4", "16Gi", gpu=True).set_display_name("fit-gmm")
+
+    stage2 = train_stage2(shards=shards["train"], init=stage1.outputs["model"], gmm=gmm.outputs["gmm"],
+                          epochs=epochs_stage2, mgm_update=mgm_update, **training)
+    _resources(stage2, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
+
+    exported = export_onnx(checkpoint=stage2.outputs["model"], flip_test=flip_test, **tracking)
+    _resources(exported, "2", "8Gi").set_display_name("export-onnx")
+
+    evaluated = evaluate(onnx_model=exported.outputs["onnx_model"], shards=shards["val"], input_size=input_size,
+                         flip_test=flip_test, **tracking)
+    _resources(evaluated, "4", "8Gi").set_display_name("evaluate")
+
+    registered = register(onnx_model=exported.outputs["onnx_model"], evaluation=evaluated.outputs["evaluation"],
+                          model_name=model_name, **tracking)
+    _resources(registered, "1", "2Gi").set_caching_options(False).set_display_name("register")
+    return registered.output

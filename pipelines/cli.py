@@ -1,0 +1,60 @@
+"""``cal-pose pipeline compile | run-local | submit | schedule``: the pipeline from the command line.
+
+``submit`` and ``schedule`` talk to a Kubeflow Pipelines endpoint with
+``kfp.Client`` (token from ``$KFP_EXISTING_TOKEN`` when needed) and send the
+compiled ``pipelines/cal_pipeline.yaml``; pipeline arguments are given as
+``--param NAME=VALUE`` and typed from the compiled pipeline's parameters.
+"""
+
+import argparse
+
+from pipelines import client, compile, run_local
+
+
+def _add_remote(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by submit and schedule."""
+    parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+    parser.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace of the KFP profile")
+    parser.add_argument("--package", default=str(compile.DEFAULT_OUTPUT), help="compiled pipeline YAML")
+    parser.add_argument("--experiment", default="cal-pose", help="KFP experiment")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline argument (repeatable), e.g. --param coco_uri=s3://data/coco")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The four subcommands and their flags."""
+    sub = parser.add_subparsers(dest="action", required=True)
+    compile.add_arguments(sub.add_parser("compile", help="write pipelines/cal_pipeline.yaml"))
+    run_local.add_arguments(sub.add_parser("run-local", help="run the DAG here with kfp.local (= make run)"))
+    submit = sub.add_parser("submit", help="start one run on a Kubeflow Pipelines server")
+    _add_remote(submit)
+    submit.add_argument("--run-name", default="cal-pose", help="name of the run")
+    submit.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    schedule = sub.add_parser("schedule", help="create a recurring run")
+    _add_remote(schedule)
+    schedule.add_argument("--cron", required=True, help="cron: 5 fields (minute first) or KFP's 6 (second first)")
+    schedule.add_argument("--name", default="cal-pose-retrain", help="name of the recurring run")
+    schedule.add_argument("--cache", action="store_true",
+                          help="allow KFP caching (off by default: new data at the same coco_uri must be seen)")
+    schedule.add_argument("--max-concurrency", type=int, default=1)
+    schedule.add_argument("--catchup", action="store_true", help="backfill missed intervals")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen subcommand."""
+    if args.action == "compile":
+        return compile.run(args)
+    if args.action == "run-local":
+        return run_local.run(args)
+    arguments = client.parse_arguments(args.param, args.package)
+    kfp_client = client.connect(args.host, args.namespace)
+    if args.action == "submit":
+        run_id = client.submit(kfp_client, arguments, args.run_name, args.experiment, args.package,
+                               enable_caching=False if args.no_cache else None)
+        print(f"submitted run {run_id}")
+    else:
+        job_id = client.schedule(kfp_client, args.cron, arguments, args.name, args.experiment, args.package,
+                                 enable_caching=args.cache, max_concurrency=args.max_concurrency,
+                                 catchup=args.catchup)
+        print(f"recurring run {job_id}: {client.kfp_cron(args.cron)}")
+    return 0

@@ -1,0 +1,182 @@
+"""The compiled pipeline: up to date, six stages, GPU/retry/caching settings, secrets only from Kubernetes."""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import client
+from pipelines.compile import DEFAULT_OUTPUT
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"downsample", "train-stage1", "fit-gmm", "train-stage2", "export-onnx", "evaluate", "register"}
+TRAINING = ("train-stage1", "train-stage2")
+
+
+def _compile(tmp_path: Path, **env: str) -> Path:
+    """Compile in a fresh interpreter (component images are fixed at import time) with a clean image env."""
+    out = tmp_path / "pipeline.yaml"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAL_POSE_")}
+    subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(out)], cwd=ROOT, check=True,
+                   env={**clean, **env}, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    """The committed, compiled pipeline (first YAML document: the pipeline spec)."""
+    return next(yaml.safe_load_all(DEFAULT_OUTPUT.read_text()))
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Root DAG tasks by display name (falling back to the task key)."""
+    tasks = spec["root"]["dag"]["tasks"]
+    return {task["taskInfo"]["name"]: task for task in tasks.values()}
+
+
+def _executor(spec: dict, task: dict) -> dict:
+    """The container spec behind a task."""
+    component = spec["components"][task["componentRef"]["name"]]
+    return spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+
+
+def _platform() -> dict:
+    """Kubernetes platform config per executor label (second YAML document)."""
+    docs = list(yaml.safe_load_all(DEFAULT_OUTPUT.read_text()))
+    assert len(docs) == 2, "expected the pipeline spec and its Kubernetes platform spec"
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_committed_yaml_is_up_to_date(tmp_path):
+    fresh = _compile(tmp_path)
+    assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), (
+        "pipelines/cal_pipeline.yaml is stale: run `make compile` and commit it")
+
+
+def test_compile_is_deterministic_and_image_registry_is_overridable(tmp_path):
+    first = _compile(tmp_path).read_text()
+    assert _compile(tmp_path).read_text() == first
+    custom = _compile(tmp_path, CAL_POSE_IMAGE_REGISTRY="registry.example.com/ml", CAL_POSE_IMAGE_TAG="1.2.3")
+    images = set(re.findall(r"image: (\S+)", custom.read_text()))
+    assert images == {f"registry.example.com/ml/{name}:1.2.3" for name in ("data", "train", "gmm", "export", "eval")}
+
+
+def test_dag_has_the_six_stages_in_order(spec):
+    tasks = _tasks(spec)
+    names = {re.sub(r"-(train|val)$", "", name) for name in tasks}
+    assert names >= STAGES
+    assert {"downsample-train", "downsample-val"} <= set(tasks)
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    keys = {task["taskInfo"]["name"]: key for key, task in spec["root"]["dag"]["tasks"].items()}
+    for later, earlier in (("train-stage1", "downsample-train"), ("fit-gmm", "train-stage1"),
+                           ("train-stage2", "fit-gmm"), ("export-onnx", "train-stage2"),
+                           ("evaluate", "export-onnx"), ("evaluate", "downsample-val"), ("register", "evaluate")):
+        assert keys[earlier] in deps[later], f"{later} must consume {earlier}'s output"
+
+
+def test_gpu_memory_and_retries_on_training(spec):
+    tasks = _tasks(spec)
+    for name in TRAINING:
+        resources = _executor(spec, tasks[name])["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert int(resources["accelerator"]["resourceCount"]) == 1
+        assert resources["memoryRequest"] > 0
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1
+    for name in ("downsample-train", "downsample-val", "export-onnx", "evaluate", "register"):
+        assert "accelerator" not in _executor(spec, tasks[name]).get("resources", {})
+
+
+def test_caching_downsample_yes_register_no(spec):
+    tasks = _tasks(spec)
+    assert tasks["downsample-train"]["cachingOptions"].get("enableCache") is True
+    assert not tasks["register"]["cachingOptions"].get("enableCache", False)
+
+
+def test_secrets_come_from_kubernetes_secrets_not_parameters(spec):
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert not [name for name in params if re.search(r"secret|password|token|access_key", name, re.I)]
+    executors = _platform()
+    assert executors, "no Kubernetes platform config"
+    for label, config in executors.items():
+        env = {key["envVar"] for secret in config["secretAsEnv"] for key in secret["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env, label
+        names = {secret["secretName"] for secret in config["secretAsEnv"]}
+        assert names == {"cal-pose-s3", "cal-pose-mlflow"}
+
+
+def test_no_secret_values_in_the_yaml():
+    text = DEFAULT_OUTPUT.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
+    assert not re.search(r"(?i)(secret_access_key|password)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,}", text)
+
+
+def test_every_parameter_has_a_description_and_default(spec):
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"coco_uri", "input_size", "method", "backbone", "epochs_stage1", "epochs_stage2", "batch_size", "lr",
+            "gmm_components", "mgm_update", "mlflow_experiment", "detections_uri"} <= set(params)
+    for name, definition in params.items():
+        assert definition.get("description"), f"parameter {name} lacks a description"
+        assert "defaultValue" in definition or definition.get("isOptional"), f"parameter {name} lacks a default"
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("30 2 * * *", "0 30 2 * * *"),
+    ("0 30 2 * * *", "0 30 2 * * *"),
+    ("0 0 9 ? * 2-6", "0 0 9 ? * 2-6"),
+    ("*/15  * * * MON-FRI", "0 */15 * * * MON-FRI"),
+    ("@Daily", "@daily"),
+    ("@every 6h", "@every 6h"),
+])
+def test_cron_is_converted_to_kfp_six_fields(given, expected):
+    assert client.kfp_cron(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["61 * * * *", "* * *", "0 0 32 * *", "*/0 * * * *", "0 0 * * 7-1", "x * * * *",
+                                 "0 0 0 * * * *"])
+def test_bad_cron_is_rejected(bad):
+    with pytest.raises(ValueError):
+        client.kfp_cron(bad)
+
+
+def test_arguments_are_typed_from_the_compiled_pipeline():
+    args = client.parse_arguments(["epochs_stage1=5", "lr=1e-4", "flip_test=false", "input_size=128x96"])
+    assert args == {"epochs_stage1": 5, "lr": 1e-4, "flip_test": False, "input_size": "128x96"}
+    with pytest.raises(ValueError, match="unknown pipeline parameter"):
+        client.parse_arguments(["aws_secret_access_key=x"])
+    with pytest.raises(ValueError, match="NUMBER_INTEGER"):
+        client.parse_arguments(["epochs_stage1=many"])
+
+
+class FakeClient:
+    """Records the kfp.Client calls made by submit/schedule."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_run_from_pipeline_package(self, package, **kwargs):
+        self.calls.append(("run", package, kwargs))
+        return argparse.Namespace(run_id="run-1")
+
+    def create_experiment(self, name):
+        self.calls.append(("experiment", name))
+        return argparse.Namespace(experiment_id="exp-1")
+
+    def create_recurring_run(self, experiment_id, job_name, **kwargs):
+        self.calls.append(("recurring", experiment_id, job_name, kwargs))
+        return argparse.Namespace(recurring_run_id="job-1")
+
+
+def test_submit_and_schedule_call_kfp_client():
+    fake = FakeClient()
+    assert client.submit(fake, {"epochs_stage1": 3}, "r", "cal-pose") == "run-1"
+    assert fake.calls[0][2]["arguments"] == {"epochs_stage1": 3}
+    assert client.schedule(fake, "0 3 * * 1", {"coco_uri": "s3://d/coco"}, "weekly", "cal-pose") == "job-1"
+    _, experiment_id, name, kwargs = fake.calls[-1]
+    assert (experiment_id, name, kwargs["cron_expression"]) == ("exp-1", "weekly", "0 0 3 * * 1")
+    assert kwargs["enable_caching"] is False and kwargs["no_catchup"] is True
+    assert kwargs["pipeline_package_path"] == str(DEFAULT_OUTPUT)
