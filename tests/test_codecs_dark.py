@@ -71,3 +71,12 @@ def test_torch_decode_matches_numpy_on_noisy_maps() -> None:
     kpts_np, scores_np = codec.decode_numpy(heat)
     np.testing.assert_allclose(kpts.numpy(), kpts_np, atol=1e-3)
     np.testing.assert_allclose(scores.numpy(), scores_np, atol=1e-6)
+
+
+def test_half_precision_heatmaps_decode_finite() -> None:
+    codec = build_codec("dark", (64, 48))
+    joints = random_joints(codec, 2, seed=6)
+    heat = np.stack([codec.encode(j, np.full(17, 2))[0]["heatmap"] for j in joints])
+    kpts, _ = codec.decode(torch.from_numpy(heat).half())
+    assert torch.isfinite(kpts).all()
+    np.testing.assert_allclose(kpts.float().numpy(), codec.decode_numpy(heat)[0], atol=0.05)

@@ -70,8 +70,9 @@ class DarkCodec(HeatmapCodec):
         n, k, h, w = heatmap.shape
         index, xy, score = argmax_torch(heatmap)
         taps = blur_kernel_1d(self.settings.blur_kernel)
-        weight = torch.as_tensor(np.tile(np.outer(taps, taps), (k, 1, 1, 1)), dtype=heatmap.dtype, device=heatmap.device)
-        smooth = F.conv2d(heatmap, weight, padding=self.settings.blur_kernel // 2, groups=k)
+        weight = torch.as_tensor(np.tile(np.outer(taps, taps), (k, 1, 1, 1)), dtype=torch.float32, device=heatmap.device)
+        # float32 even under AMP: LOG_FLOOR underflows to 0 in float16 and the log would be -inf
+        smooth = F.conv2d(heatmap.float(), weight, padding=self.settings.blur_kernel // 2, groups=k)
         log = torch.log(smooth.clamp(min=LOG_FLOOR)).reshape(n, k, h * w)
         x, y = xy[..., 0], xy[..., 1]
         inner = (x >= 1) & (x <= w - 2) & (y >= 1) & (y <= h - 2)
@@ -79,7 +80,7 @@ class DarkCodec(HeatmapCodec):
         steps = torch.tensor([0, -1, 1, -w, w, -w - 1, -w + 1, w - 1, w + 1], device=heatmap.device)
         v = log.gather(-1, centre.unsqueeze(-1) + steps)
         step = _newton_step(v[..., 0], v[..., 1], v[..., 2], v[..., 3], v[..., 4], v[..., 5:])
-        step = torch.where(inner.unsqueeze(-1), step, torch.zeros_like(step))
+        step = torch.where(inner.unsqueeze(-1), step, torch.zeros_like(step)).to(heatmap.dtype)
         stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
         return (xy + step) * stride, score
 
