@@ -54,12 +54,16 @@ def _weighted_mean(per_joint: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def _heatmap_inputs(outputs: dict, targets: dict, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Fetch and shape-check the predicted and target heatmaps and the joint weights."""
+    """Fetch and shape-check the predicted and target heatmaps and the joint weights, as float32.
+
+    Losses are always computed in float32, also under bf16/fp16 autocast, where a
+    half-precision difference of nearly equal maps would lose most of its digits.
+    """
     pred, target = outputs["heatmap"], targets["heatmap"]
     n, k, h, w = target.shape
     _check("outputs['heatmap']", pred, (n, k, h, w))
     _check("weights", weights, (n, k))
-    return pred, target, weights.to(pred.dtype)
+    return pred.float(), target.float(), weights.float()
 
 
 def _offset_inputs(outputs: dict, targets: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +73,7 @@ def _offset_inputs(outputs: dict, targets: dict) -> tuple[torch.Tensor, torch.Te
     pred, target = outputs["offset"], targets["offset"]
     n, k, _, h, w = target.shape
     _check("outputs['offset']", pred, (n, k, 2, h, w))
-    return pred, target
+    return pred.float(), target.float()
 
 
 def l2_heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,7 @@ def _cal_method(alpha: float, stage: int) -> LossFn:
             if mgm is None:
                 raise ValueError("cal stage 2 (Eq. 15) needs the MGM masks `mgm` (N, K, h, w)")
             _check("mgm", mgm, tuple(target_g.shape))
-            mask = mgm.to(pred_o.dtype)
+            mask = mgm.float()
         heat = l2_heatmap_loss(pred_g, target_g, w)
         off = masked_offset_loss(pred_o, target_o, mask, w, smooth=False)
         return heat + alpha * off, {"heatmap": heat.detach(), "offset": off.detach()}

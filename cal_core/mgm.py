@@ -190,8 +190,8 @@ def fit_gmm_torch(d: torch.Tensor, n_components: int = 1, init: GMMParams | None
                   max_iter: int = 100, tol: float = 1e-3, reg_covar: float = REG_COVAR) -> GMMParams:
     """Eq. 12 by EM on ``d`` (M, 2) on its own device, float64, full 2x2 covariances.
 
-    Starts from ``init`` (warm start: the previous batch's or gmm.json's mixture) or from a
-    seeded k-means++ partition. Stops like sklearn: when the mean log-likelihood changes
+    Starts from ``init`` when it has ``n_components`` components (warm start: the previous
+    batch's or gmm.json's mixture), otherwise from a seeded k-means++ partition. Stops like sklearn: when the mean log-likelihood changes
     by less than ``tol`` between iterations (one host sync per iteration, the only one).
     """
     if n_components < 1:

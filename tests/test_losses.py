@@ -173,3 +173,15 @@ def test_bad_inputs_raise_clear_errors():
         build_loss("cal")({"heatmap": outputs["heatmap"]}, targets, torch.ones(3, 4))
     with pytest.raises(ValueError, match="takes no MGM"):
         build_loss("heatmap")(outputs, targets, torch.ones(3, 4), mgm=torch.ones(3, 4, 5, 4))
+
+
+def test_half_precision_outputs_are_reduced_in_float32():
+    # bf16 predictions (AMP): the loss is computed in float32 and equals the float32 loss of the
+    # same (bf16-rounded) values.
+    outputs, targets = _random_batch(seed=4)
+    half = {key: out.detach().bfloat16() for key, out in outputs.items()}
+    full = {key: out.float() for key, out in half.items()}
+    mgm = torch.rand(3, 4, 5, 4)
+    a, _ = build_loss("cal", stage=2)(half, targets, torch.ones(3, 4), mgm=mgm.bfloat16())
+    b, _ = build_loss("cal", stage=2)(full, targets, torch.ones(3, 4), mgm=mgm.bfloat16().float())
+    assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)
