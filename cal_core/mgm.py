@@ -100,8 +100,9 @@ class GMMParams:
         cov = params.covariances
         det = cov[:, 0, 0] * cov[:, 1, 1] - cov[:, 0, 1] * cov[:, 1, 0]
         if not all(torch.isfinite(t).all() for t in arrays) or (params.weights < 0).any() \
-                or (cov[:, 0, 0] <= 0).any() or (det <= 0).any():
-            raise ValueError(f"{source}: weights must be >= 0 and finite, covariances positive definite")
+                or params.weights.sum() <= 0 or (cov[:, 0, 0] <= 0).any() or (det <= 0).any():
+            raise ValueError(f"{source}: weights must be finite, >= 0 and not all 0; "
+                             "covariances positive definite")
         sym = 0.5 * (cov + cov.transpose(1, 2))
         return cls(params.weights / params.weights.sum(), params.means, sym)
 
@@ -127,7 +128,7 @@ def displacements(heatmap: torch.Tensor, joints_hm: torch.Tensor, weights: torch
 
 
 def _log_weighted_densities(dx: torch.Tensor, dy: torch.Tensor, params: GMMParams) -> torch.Tensor:
-    """``log(w_c) + log N((dx, dy); mu_c, Sigma_c)`` for every component, shape (C, *dx.shape).
+    """``log(w_c) + log N((dx, dy); mu_c, Sigma_c)`` per component: (C, *broadcast(dx, dy).shape).
 
     Closed-form 2x2 inverse and determinant: no linear-algebra kernels, no device syncs.
     """

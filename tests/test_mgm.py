@@ -218,6 +218,8 @@ def test_params_json_round_trip_and_bad_input():
     bad = {"weights": [1.0], "means": [[0.0, 0.0]], "covariances": [[[1.0, 2.0], [2.0, 1.0]]]}
     with pytest.raises(ValueError, match="runs/gmm.json: .*positive definite"):
         GMMParams.from_dict(bad, source="runs/gmm.json")
+    with pytest.raises(ValueError, match="not all 0"):
+        GMMParams.from_dict({**bad, "weights": [0.0], "covariances": [[[1.0, 0.0], [0.0, 1.0]]]})
     with pytest.raises(ValueError, match="GMMParams shapes"):
         GMMParams(torch.ones(2), torch.zeros(1, 2), torch.eye(2)[None])
 
