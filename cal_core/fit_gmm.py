@@ -1,0 +1,222 @@
+"""`cal-pose fit-gmm`: displacement statistics of a stage-1 model and the GMM behind the MGMs.
+
+The stage-1 CAL model runs in eval mode over (a sample of) the training shards
+without augmentation. For every labelled joint inside the heatmap it records
+the displacement ``d = argmax_p(G_hat) - y`` in heatmap pixels (Eq. 11), fits
+Gaussian mixtures with 1..K components by EM (Eq. 12) and keeps the number of
+components with the lowest BIC (or the one given by ``--components``). The
+paper uses 1 component at low resolution and 2 at high resolution (§5.5.2);
+here the data decide and ``gmm.json`` says why.
+
+Outputs in ``--out``: ``gmm.json`` (weights, means, covariances in heatmap px,
+chosen K and the reason, BIC per K, displacement statistics), and the plots
+``displacements.png`` (scatter + 2D histogram, paper Fig. 5) and ``mask.png``
+(the normalised mask on the grid Z, Fig. 6). Everything is logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cal_core import mgm, storage, tracking
+from cal_core.checkpoint import codec_from_config
+
+log = logging.getLogger(__name__)
+
+#: Quantiles of |d| and of each axis reported in gmm.json.
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``cal-pose fit-gmm`` (docs/architecture.md, CLI contract)."""
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="stage-1 model.pt (local or s3://)")
+    add("--shards", required=True, help="training shards the displacements are collected on")
+    add("--out", required=True, help="output folder (local or s3://): gmm.json, displacements.png, mask.png")
+    add("--components", default="auto", help="'auto' (lowest BIC over 1..--max-components) or a number")
+    add("--max-components", type=int, default=3)
+    add("--max-samples", type=int, default=0, help="use at most N person instances (0 = all)")
+    add("--batch-size", type=int, default=64)
+    add("--workers", type=int, default=0)
+    add("--device", default="auto")
+    add("--seed", type=int, default=0)
+    add("--experiment", default=None)
+    add("--run-name", default=None)
+
+
+def parse_components(text: str | int) -> int | None:
+    """``"auto"`` -> None (pick by BIC); a positive number -> that number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--components must be 'auto' or a positive integer, got {text!r}")
+    return int(text)
+
+
+def displacement_stats(d: np.ndarray) -> dict[str, Any]:
+    """Count, mean, std, covariance and quantiles of the displacements (heatmap px)."""
+    norm = np.linalg.norm(d, axis=1)
+    quant = {f"q{int(q * 100):02d}": q for q in QUANTILES}
+    return {
+        "count": int(len(d)),
+        "mean": d.mean(axis=0).tolist(),
+        "std": d.std(axis=0).tolist(),
+        "covariance": np.cov(d.T).tolist() if len(d) > 1 else [[0.0, 0.0], [0.0, 0.0]],
+        "norm_mean": float(norm.mean()),
+        "norm_quantiles": {k: float(np.quantile(norm, q)) for k, q in quant.items()},
+        "x_quantiles": {k: float(np.quantile(d[:, 0], q)) for k, q in quant.items()},
+        "y_quantiles": {k: float(np.quantile(d[:, 1], q)) for k, q in quant.items()},
+        "exact_share": float(np.mean(norm < 1e-6)),
+    }
+
+
+def fit_mixture(d: np.ndarray, components: int | None, max_components: int, seed: int = 0) -> dict[str, Any]:
+    """Fit the GMM of Eq. 12 and choose K: by lowest BIC, or the requested K (BIC still reported).
+
+    Returns the gmm.json body without the statistics: the mixture (``weights``,
+    ``means``, ``covariances``), ``n_components``, ``selection`` ("bic" or
+    "fixed"), ``bic`` per K and a sentence saying why this K.
+    """
+    if len(d) == 0:
+        raise ValueError("no displacements: the shards have no labelled joint inside the heatmap")
+    upto = max(max_components, components or 1)
+    best_k, bics, best = mgm.select_components(d, upto, seed)
+    if components is None:
+        params, k = best, best_k
+        reason = f"lowest BIC over 1..{len(bics)} components ({bics[k - 1]:.1f})"
+    else:
+        k = min(components, len(d))
+        params = mgm.fit_gmm_sklearn(d, k, seed)
+        reason = f"fixed by --components {components}; the BIC minimum is at {best_k}"
+    return {**params.to_dict(), "n_components": k, "selection": "bic" if components is None else "fixed",
+            "reason": reason, "bic": {str(i + 1): b for i, b in enumerate(bics)}}
+
+
+def plot_displacements(d: np.ndarray, path: Path) -> None:
+    """Paper Fig. 5: scatter of the displacements and their 2D histogram (heatmap px)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    span = max(1.0, float(np.ceil(np.abs(d).max()))) if len(d) else 1.0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    left.scatter(d[:, 0], d[:, 1], s=3, alpha=0.3)
+    left.set(title=f"displacements d = argmax - y (n={len(d)})", xlabel="dx (heatmap px)",
+             ylabel="dy (heatmap px)", xlim=(-span, span), ylim=(span, -span), aspect="equal")
+    edges = np.arange(-span - 0.5, span + 1.0, 1.0)
+    counts, _, _, image = right.hist2d(d[:, 0], d[:, 1], bins=[edges, edges], cmap="viridis")
+    right.set(title="2D histogram (1 px bins)", xlabel="dx", ylabel="dy", aspect="equal", ylim=(span, -span))
+    fig.colorbar(image, ax=right, label="joints")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_mask(params: mgm.GMMParams, radius: float, path: Path) -> None:
+    """Paper Fig. 6: the min-max normalised mixture density on the grid Z = [-R..R]^2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    template = mgm.mask_template(params, radius).numpy()
+    half = template.shape[0] // 2
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    image = ax.imshow(template, cmap="magma", extent=(-half - 0.5, half + 0.5, half + 0.5, -half - 0.5))
+    ax.set(title=f"normalised mask ({params.n_components} component(s), R={radius:g})",
+           xlabel="dx (heatmap px)", ylabel="dy (heatmap px)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def collect_displacements(model: torch.nn.Module, loader: Any, device: torch.device,
+                          max_samples: int = 0) -> np.ndarray:
+    """Eq. 11 over a loader of un-augmented training batches: ``argmax(G_hat) - y``, (M, 2) heatmap px."""
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    found: list[torch.Tensor] = []
+    seen = 0
+    for batch in tqdm(loader, desc="displacements", leave=False, dynamic_ncols=True):
+        heatmap = model(batch["image"].to(device))["heatmap"].float()
+        found.append(mgm.displacements(heatmap, batch["joints_hm"].to(device), batch["weights"].to(device)).cpu())
+        seen += len(batch["image"])
+        if max_samples and seen >= max_samples:
+            break
+    return torch.cat(found).double().numpy() if found else np.zeros((0, 2))
+
+
+def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples: int, seed: int) -> Any:
+    """Un-augmented training samples; a seeded random subset when ``max_samples`` is set."""
+    from torch.utils.data import DataLoader, Subset
+
+    from cal_core.data.dataset import ShardDataset
+
+    dataset = ShardDataset(shards, codec, train=False, seed=seed)
+    if max_samples and max_samples < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        dataset = Subset(dataset, sorted(order.tolist()))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = None, max_components: int = 3,
+            max_samples: int = 0, batch_size: int = 64, workers: int = 0, device: str = "auto",
+            seed: int = 0, experiment: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Collect displacements of the stage-1 model, fit and choose the GMM, write and log the outputs."""
+    from cal_core.distributed import pick_device
+    from cal_core.models import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    if not config.get("codec", {}).get("radius"):
+        raise ValueError(f"{checkpoint}: its codec has no offset radius (method {config.get('method')!r}); "
+                         "fit-gmm needs a CAL (or UDP) stage-1 model")
+    codec = codec_from_config(config)
+    params = {"checkpoint": checkpoint, "shards": shards, "components": components or "auto",
+              "max_components": max_components, "max_samples": max_samples, "seed": seed}
+    with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params) as tracker:
+        loader = _loader(shards, codec, batch_size, workers, max_samples, seed)
+        d = collect_displacements(model_from_checkpoint(ckpt), loader, pick_device(device, 0), max_samples)
+        report = {**fit_mixture(d, components, max_components, seed), "stats": displacement_stats(d),
+                  "radius": codec.radius, "heatmap_size": list(codec.heatmap_size),
+                  "input_size": list(codec.input_size), "checkpoint": checkpoint, "shards": shards}
+        _write_outputs(report, d, out, tracker)
+        tracker.log_metrics({"n_components": report["n_components"], "displacements": len(d),
+                             "disp_norm_mean": report["stats"]["norm_mean"],
+                             **{f"bic_{k}": v for k, v in report["bic"].items()}})
+    log.info("GMM: %d component(s) (%s); %d displacements -> %s", report["n_components"], report["reason"],
+             len(d), out)
+    return report
+
+
+def _write_outputs(report: dict[str, Any], d: np.ndarray, out: str, tracker: tracking.Tracker) -> None:
+    """gmm.json + the two plots to ``out`` (local or s3://, each written atomically) and to MLflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "gmm.json").write_text(json.dumps(report, indent=2))
+        plot_displacements(d, folder / "displacements.png")
+        plot_mask(mgm.GMMParams.from_dict(report), report["radius"], folder / "mask.png")
+        for name in ("gmm.json", "displacements.png", "mask.png"):
+            storage.write_bytes(storage.join(out, name), (folder / name).read_bytes())
+        tracker.log_artifact(folder, "gmm")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``cal-pose fit-gmm``."""
+    report = fit_gmm(args.checkpoint, args.shards, args.out, parse_components(args.components),
+                     args.max_components, args.max_samples, args.batch_size, args.workers, args.device,
+                     args.seed, args.experiment, args.run_name)
+    print(json.dumps({k: report[k] for k in ("n_components", "reason", "bic")}, indent=2))
+    return 0

@@ -1,0 +1,72 @@
+"""fit-gmm: the mixture behind the MGMs is recovered from known displacements and K is chosen right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cal_core import mgm
+from cal_core.fit_gmm import displacement_stats, fit_mixture, parse_components, plot_displacements, plot_mask
+
+
+def _one_component(rng: np.random.Generator, n: int = 2000) -> np.ndarray:
+    return rng.multivariate_normal([0.3, -0.2], [[0.8, 0.2], [0.2, 0.5]], size=n)
+
+
+def _two_components(rng: np.random.Generator, n: int = 2500) -> np.ndarray:
+    a = rng.multivariate_normal([-2.0, 0.0], [[0.3, 0.0], [0.0, 0.3]], size=int(n * 0.3))
+    b = rng.multivariate_normal([1.5, 1.0], [[0.5, -0.1], [-0.1, 0.4]], size=n - len(a))
+    return np.concatenate([a, b])
+
+
+def test_one_component_is_recovered_and_chosen_by_bic() -> None:
+    d = _one_component(np.random.default_rng(0))
+    fit = fit_mixture(d, None, max_components=3)
+    assert fit["n_components"] == 1 and fit["selection"] == "bic"
+    assert min(fit["bic"], key=lambda k: fit["bic"][k]) == "1"
+    np.testing.assert_allclose(fit["means"][0], [0.3, -0.2], atol=0.05)
+    np.testing.assert_allclose(fit["covariances"][0], [[0.8, 0.2], [0.2, 0.5]], atol=0.06)
+
+
+def test_two_components_are_recovered_and_chosen_by_bic() -> None:
+    d = _two_components(np.random.default_rng(1))
+    fit = fit_mixture(d, None, max_components=3)
+    assert fit["n_components"] == 2
+    order = np.argsort(np.asarray(fit["means"])[:, 0])
+    means = np.asarray(fit["means"])[order]
+    weights = np.asarray(fit["weights"])[order]
+    np.testing.assert_allclose(means, [[-2.0, 0.0], [1.5, 1.0]], atol=0.08)
+    np.testing.assert_allclose(weights, [0.3, 0.7], atol=0.03)
+    np.testing.assert_allclose(np.asarray(fit["covariances"])[order][1], [[0.5, -0.1], [-0.1, 0.4]], atol=0.06)
+    assert mgm.GMMParams.from_dict(fit).n_components == 2
+
+
+def test_fixed_components_override_bic_and_say_so() -> None:
+    d = _two_components(np.random.default_rng(2))
+    fit = fit_mixture(d, 1, max_components=3)
+    assert fit["n_components"] == 1 and fit["selection"] == "fixed"
+    assert "BIC minimum is at 2" in fit["reason"]
+    assert len(fit["bic"]) == 3
+
+
+def test_no_displacements_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no displacements"):
+        fit_mixture(np.zeros((0, 2)), None, 3)
+
+
+def test_parse_components() -> None:
+    assert parse_components("auto") is None
+    assert parse_components("2") == 2
+    with pytest.raises(ValueError):
+        parse_components("0")
+
+
+def test_stats_and_plots(tmp_path) -> None:
+    d = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
+    stats = displacement_stats(d)
+    assert stats["count"] == 4 and stats["exact_share"] == 0.25
+    np.testing.assert_allclose(stats["mean"], [0.5, 0.0])
+    assert stats["norm_quantiles"]["q50"] == pytest.approx(1.0)
+    plot_displacements(d, tmp_path / "d.png")
+    plot_mask(mgm.default_params(), 4.0, tmp_path / "m.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000 and (tmp_path / "m.png").stat().st_size > 1000
