@@ -88,7 +88,7 @@ def half_body_box(
 
 
 def sample_transform(
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     keypoints: np.ndarray,
     visibility: np.ndarray,
     crop_wh: tuple[int, int],
@@ -100,7 +100,7 @@ def sample_transform(
 
     ``keypoints`` ``(K, 2)`` and ``visibility`` ``(K,)`` are in crop pixels;
     ``input_size`` is ``(H, W)``. ``config=None`` is evaluation: the padded box
-    maps exactly onto the input and nothing is drawn from ``rng``.
+    maps exactly onto the input and nothing is drawn from ``rng`` (which may be None).
     """
     out_wh = (int(input_size[1]), int(input_size[0]))
     center, size = crop_box(crop_wh, margin)
