@@ -71,3 +71,17 @@ def test_decode_requires_offsets() -> None:
         codec.decode(torch.zeros(1, 17, 16, 12))
     with pytest.raises(ValueError, match="offsets"):
         codec.decode_numpy(np.zeros((1, 17, 16, 12)), np.zeros((1, 17, 16, 12)))
+
+
+def test_scores_are_probabilities_for_udp_logits_and_raw_for_cal() -> None:
+    """UDP's heatmap is a logit map (Eq. 8 BCE): score = sigmoid(max logit); CAL's is G itself."""
+    heat = np.full((1, 17, 16, 12), -3.0, dtype=np.float32)
+    heat[0, :, 5, 4] = 2.0  # the peak logit
+    offset = np.zeros((1, 17, 2, 16, 12), dtype=np.float32)
+    expected = 1.0 / (1.0 + np.exp(-2.0))  # 0.880797...
+    for decode in (build_codec("udp", (64, 48)).decode_numpy, build_codec("udp", (64, 48)).decode):
+        args = (heat, offset) if decode.__name__ == "decode_numpy" else (torch.from_numpy(heat), torch.from_numpy(offset))
+        _, scores = decode(*args)
+        np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-6)
+    _, cal_scores = build_codec("cal", (64, 48)).decode_numpy(heat, offset)
+    np.testing.assert_allclose(cal_scores, 2.0)

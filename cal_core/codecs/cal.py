@@ -24,6 +24,8 @@ class CalCodec(UdpCodec):
     """Heatmap target G = B * C (Eq. 10) with UDP offsets and the Eq. 9 decode."""
 
     name: ClassVar[str] = "cal"
+    #: CAL regresses G with L2 (Eq. 14): the heatmap value itself is the confidence.
+    logit_heatmap: ClassVar[bool] = False
 
     def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Eq. 10: ``G(p) = B(p) * C(p)``."""

@@ -7,6 +7,12 @@ Targets per joint ``y`` (heatmap pixels) and heatmap pixel ``p``:
 Decoding is Eq. 9: ``y_hat = argmax_p B_hat + offset_norm * O_hat(argmax_p B_hat)``,
 exact for ground-truth targets because any disk pixel points at ``y``.
 
+The UDP network is trained with Eq. 8's cross-entropy on B, so its heatmap output
+is a logit map (``cal_core.losses``); the keypoint score is therefore the sigmoid
+of the logit at the argmax, a probability in 0..1 like the other methods' scores
+(COCO rescoring averages keypoint scores above a 0.2 threshold). CAL regresses
+G with L2 (Eq. 14), so its heatmap is already a confidence and is not squashed.
+
 Defaults (heatmap pixels) follow the authors' configs (``KPD: 4.0`` disk radius,
 ``LOCREF_STDEV: 1.5`` offset normalisation, at 64x48 and 128x96); their 256x192
 config publishes no CAL offset settings, so the same R = 4 and 1.5 are kept.
@@ -27,6 +33,8 @@ class UdpCodec(Codec):
 
     name: ClassVar[str] = "udp"
     has_offsets: ClassVar[bool] = True
+    #: The heatmap output is a logit map (Eq. 8 cross-entropy): scores are its sigmoid.
+    logit_heatmap: ClassVar[bool] = True
 
     def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The heatmap the network regresses: UDP uses the disk B itself (a copy, so targets never alias)."""
@@ -52,6 +60,8 @@ class UdpCodec(Codec):
         index, xy, score = argmax_torch(heatmap)
         picked = offset.reshape(n, k, 2, h * w).gather(-1, index[:, :, None, None].expand(n, k, 2, 1))
         stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
+        if self.logit_heatmap:
+            score = torch.sigmoid(score)
         return (xy + picked.squeeze(-1) * self.offset_norm) * stride, score
 
     def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +72,8 @@ class UdpCodec(Codec):
         _, xy, score = argmax_numpy(heatmap)
         nn, kk = np.meshgrid(np.arange(heatmap.shape[0]), np.arange(heatmap.shape[1]), indexing="ij")
         picked = np.asarray(offset, dtype=np.float64)[nn, kk, :, xy[..., 1].astype(int), xy[..., 0].astype(int)]
+        if self.logit_heatmap:
+            score = 1.0 / (1.0 + np.exp(-score))
         return (xy + picked * self.offset_norm) * self.stride, score
 
     def _check_offset(self, heatmap: torch.Tensor | np.ndarray, offset: torch.Tensor | np.ndarray | None) -> None:
