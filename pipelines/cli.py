@@ -1,6 +1,6 @@
-"""``cal-pose pipeline compile | run-local | submit | schedule``: the pipeline from the command line.
+"""``cal-pose pipeline compile | run-local | upload | submit | schedule``: the pipeline from the command line.
 
-``submit`` and ``schedule`` talk to a Kubeflow Pipelines endpoint with
+``upload``, ``submit`` and ``schedule`` talk to a Kubeflow Pipelines endpoint with
 ``kfp.Client`` (token from ``$KFP_EXISTING_TOKEN`` when needed) and send the
 compiled ``pipelines/cal_pipeline.yaml``; pipeline arguments are given as
 ``--param NAME=VALUE`` and typed from the compiled pipeline's parameters.
@@ -11,18 +11,20 @@ import argparse
 from pipelines import client, compile, run_local
 
 
-def _add_remote(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by submit and schedule."""
+def _add_remote(parser: argparse.ArgumentParser, runs: bool = True) -> None:
+    """Flags shared by upload, submit and schedule (``runs``: also the experiment and pipeline arguments)."""
     parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
     parser.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace of the KFP profile")
     parser.add_argument("--package", default=str(compile.DEFAULT_OUTPUT), help="compiled pipeline YAML")
+    if not runs:
+        return
     parser.add_argument("--experiment", default="cal-pose", help="KFP experiment")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline argument (repeatable), e.g. --param coco_uri=s3://data/coco")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The four subcommands and their flags."""
+    """The subcommands and their flags."""
     sub = parser.add_subparsers(dest="action", required=True)
     compile.add_arguments(sub.add_parser("compile", help="write pipelines/cal_pipeline.yaml"))
     run_local.add_arguments(sub.add_parser("run-local", help="run the DAG here with kfp.local (= make run)"))
@@ -30,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_remote(submit)
     submit.add_argument("--run-name", default="cal-pose", help="name of the run")
     submit.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    upload = sub.add_parser("upload", help="upload the pipeline (or a new version of it) to the KFP UI")
+    _add_remote(upload, runs=False)
+    upload.add_argument("--name", default="cal-pose", help="pipeline name in KFP")
+    upload.add_argument("--version", required=True, help="version name when the pipeline exists already")
     schedule = sub.add_parser("schedule", help="create a recurring run")
     _add_remote(schedule)
     schedule.add_argument("--cron", required=True, help="cron: 5 fields (minute first) or KFP's 6 (second first)")
@@ -38,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="allow KFP caching (off by default: new data at the same coco_uri must be seen)")
     schedule.add_argument("--max-concurrency", type=int, default=1)
     schedule.add_argument("--catchup", action="store_true", help="backfill missed intervals")
+    schedule.add_argument("--replace", action="store_true", help="delete recurring runs of the same name first")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
         return compile.run(args)
     if args.action == "run-local":
         return run_local.run(args)
-    arguments = client.parse_arguments(args.param, args.package)
     kfp_client = client.connect(args.host, args.namespace)
+    if args.action == "upload":
+        print(f"pipeline {args.name}: {client.upload(kfp_client, args.name, args.version, args.package)}")
+        return 0
+    arguments = client.parse_arguments(args.param, args.package)
     if args.action == "submit":
         run_id = client.submit(kfp_client, arguments, args.run_name, args.experiment, args.package,
                                enable_caching=False if args.no_cache else None)
@@ -55,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         job_id = client.schedule(kfp_client, args.cron, arguments, args.name, args.experiment, args.package,
                                  enable_caching=args.cache, max_concurrency=args.max_concurrency,
-                                 catchup=args.catchup)
+                                 catchup=args.catchup, replace=args.replace)
         print(f"recurring run {job_id}: {client.kfp_cron(args.cron)}")
     return 0

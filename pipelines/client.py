@@ -116,16 +116,42 @@ def submit(client: Any, arguments: dict[str, Any], run_name: str, experiment: st
     return result.run_id
 
 
+def upload(client: Any, name: str, version: str, package: str | Path = DEFAULT_OUTPUT) -> str:
+    """Upload the pipeline as ``name`` (first time) or as a new version ``version`` of it; returns the pipeline id."""
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:
+        return client.upload_pipeline(str(package), pipeline_name=name).pipeline_id
+    client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
+    return pipeline_id
+
+
+def recurring_runs_named(client: Any, experiment_id: str, job_name: str) -> list[str]:
+    """Ids of the recurring runs called ``job_name`` in the experiment (all pages)."""
+    found, token = [], ""
+    while True:
+        page = client.list_recurring_runs(page_token=token, page_size=100, experiment_id=experiment_id)
+        found += [r.recurring_run_id for r in page.recurring_runs or [] if r.display_name == job_name]
+        token = page.next_page_token
+        if not token:
+            return found
+
+
 def schedule(client: Any, cron: str, arguments: dict[str, Any], job_name: str, experiment: str,
              package: str | Path = DEFAULT_OUTPUT, enable_caching: bool = False, max_concurrency: int = 1,
-             catchup: bool = False) -> str:
+             catchup: bool = False, replace: bool = False) -> str:
     """Create a recurring run on ``cron`` (5 or 6 fields); returns its id.
 
     Caching is off by default: a scheduled run exists to pick up new data at
-    the same ``coco_uri``, which cached downsampling would not see.
+    the same ``coco_uri``, which cached downsampling would not see. With
+    ``replace``, recurring runs of the same name in the experiment are deleted
+    first (so re-applying the Helm chart does not pile up schedules).
     """
+    cron = kfp_cron(cron)
     experiment_id = client.create_experiment(experiment).experiment_id
-    recurring = client.create_recurring_run(experiment_id, job_name, cron_expression=kfp_cron(cron),
+    if replace:
+        for old in recurring_runs_named(client, experiment_id, job_name):
+            client.delete_recurring_run(old)
+    recurring = client.create_recurring_run(experiment_id, job_name, cron_expression=cron,
                                             params=arguments, pipeline_package_path=str(package),
                                             enable_caching=enable_caching, max_concurrency=max_concurrency,
                                             no_catchup=not catchup)

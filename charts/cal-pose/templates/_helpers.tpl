@@ -1,0 +1,61 @@
+{{/* Base name of every object: <release>-cal-pose (or the release name when it already says cal-pose). */}}
+{{- define "cal-pose.fullname" -}}
+{{- if contains "cal-pose" .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-cal-pose" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cal-pose.labels" -}}
+app.kubernetes.io/name: cal-pose
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Tag of the cal-pose images. */}}
+{{- define "cal-pose.tag" -}}
+{{- .Values.images.tag | default .Chart.AppVersion -}}
+{{- end -}}
+
+{{/* A cal-pose image by name: <registry>/<name>:<tag>. */}}
+{{- define "cal-pose.image" -}}
+{{- printf "%s/%s:%s" (.root.Values.images.registry | trimSuffix "/") .name (include "cal-pose.tag" .root) -}}
+{{- end -}}
+
+{{- define "cal-pose.mlflowImage" -}}
+{{- if .Values.mlflow.image.repository -}}
+{{- printf "%s:%s" .Values.mlflow.image.repository (.Values.mlflow.image.tag | default (include "cal-pose.tag" .)) -}}
+{{- else -}}
+{{- include "cal-pose.image" (dict "root" . "name" "mlflow") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret holding the S3 keys (created by the chart unless s3.existingSecret is set). */}}
+{{- define "cal-pose.s3Secret" -}}
+{{- .Values.s3.existingSecret | default .Values.pipelineEnv.s3SecretName -}}
+{{- end -}}
+
+{{- define "cal-pose.postgresSecret" -}}
+{{- .Values.postgresql.existingSecret | default (printf "%s-postgresql" (include "cal-pose.fullname" .)) -}}
+{{- end -}}
+
+{{- define "cal-pose.usePostgres" -}}
+{{- if and .Values.mlflow.enabled (not .Values.mlflow.externalDatabase.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{/* In-cluster URL of the MLflow server. */}}
+{{- define "cal-pose.mlflowUrl" -}}
+{{- printf "http://%s-mlflow.%s.svc:%v" (include "cal-pose.fullname" .) .Release.Namespace .Values.mlflow.port -}}
+{{- end -}}
+
+{{- define "cal-pose.imagePullSecrets" -}}
+{{- with .Values.images.pullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
