@@ -51,11 +51,13 @@ def train_model(argv: list[str], model_dir: str, work_uri: str, kfp_run_id: str,
                 parent_run_id: str) -> None:
     """``cal-pose train <argv> --out ... --resume``; the final ``model.pt`` ends up in ``model_dir``.
 
+    Progress goes to the log (``--no-progress``: a tqdm bar is one unterminated line in pod logs).
+
     With ``work_uri`` the training folder is ``<work_uri>/<kfp_run_id>/stage<N>`` (it survives a
     retried pod, so ``--resume`` continues), else the artifact folder itself.
     """
     out = f"{work_uri.rstrip('/')}/{kfp_run_id}/stage{stage}" if work_uri else model_dir
-    run_stage(["train", *argv, "--out", out, "--resume", "--experiment", experiment,
+    run_stage(["train", *argv, "--out", out, "--resume", "--no-progress", "--experiment", experiment,
                "--run-name", f"train-stage{stage}"], experiment, parent_run_id)
     if out != model_dir:
         copy_file(f"{out}/model.pt", f"{model_dir}/model.pt")

@@ -39,10 +39,10 @@ def train_stage1(shards: Input[Dataset], input_size: str, method: str, backbone:
 
 @dsl.component(base_image=image("train"), install_kfp_package=False)
 def train_stage2(shards: Input[Dataset], init: Input[Model], gmm: Input[Artifact], input_size: str, method: str,
-                 backbone: str, epochs: int, batch_size: int, lr: float, lr_steps: str, mgm_update: str, seed: int,
+                 backbone: str, epochs: int, batch_size: int, lr: float, mgm_update: str, seed: int,
                  amp: bool, workers: int, work_uri: str, kfp_run_id: str, experiment: str, parent_run_id: str,
                  model: Output[Model]) -> None:
-    """CAL stage 2 (Eq. 15) from the stage-1 model and the GMM; other methods: the stage-1 model as is."""
+    """CAL stage 2 (Eq. 15, constant ``lr``) from the stage-1 model and the GMM; other methods: the stage-1 model."""
     from components.runtime import copy_file, train_model
 
     model.metadata.update({"method": method, "backbone": backbone, "input_size": input_size, "stage": 2})
@@ -52,7 +52,7 @@ def train_stage2(shards: Input[Dataset], init: Input[Model], gmm: Input[Artifact
         return
     train_model(["--shards", f"{shards.path}/{input_size}", "--method", method, "--stage", "2",
                  "--backbone", backbone, "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr),
-                 "--lr-steps", lr_steps, "--workers", str(workers), "--seed", str(seed),
+                 "--lr-steps", "", "--workers", str(workers), "--seed", str(seed),
                  "--init", f"{init.path}/model.pt", "--gmm", f"{gmm.path}/gmm.json", "--mgm-update", mgm_update]
                 + (["--amp"] if amp else []),
                 model.path, work_uri, kfp_run_id, 2, experiment, parent_run_id)

@@ -63,10 +63,11 @@ def cal_pipeline(
     method: str = "cal",
     backbone: str = "hrnet_w32",
     epochs_stage1: int = 210,
-    epochs_stage2: int = 30,
+    epochs_stage2: int = 40,
     batch_size: int = 64,
     lr: float = 0.001,
     lr_steps: str = "170,200",
+    lr_stage2: float = 0.0001,
     gmm_components: str = "auto",
     max_gmm_components: int = 3,
     mgm_update: str = "static",
@@ -93,8 +94,9 @@ def cal_pipeline(
         epochs_stage1: epochs of stage 1 (every method).
         epochs_stage2: epochs of CAL stage 2 (Eq. 15, with Mixed Gaussian Masks).
         batch_size: training batch size per GPU.
-        lr: Adam learning rate (both stages).
-        lr_steps: comma-separated epochs at which the learning rate drops x0.1.
+        lr: Adam learning rate of stage 1.
+        lr_steps: comma-separated epochs of stage 1 at which the learning rate drops x0.1 ("" = never).
+        lr_stage2: Adam learning rate of CAL stage 2 (constant).
         gmm_components: GMM components for the masks: a number, or "auto" to pick by BIC.
         max_gmm_components: largest number of components "auto" may pick.
         mgm_update: stage-2 masks: "static" (the fitted GMM) or "batch" (refit per mini-batch, as in the paper).
@@ -124,9 +126,9 @@ def cal_pipeline(
         shards[name] = task.outputs["shards"]
 
     training = {"input_size": input_size, "method": method, "backbone": backbone, "batch_size": batch_size,
-                "lr": lr, "lr_steps": lr_steps, "seed": seed, "amp": amp, "workers": workers,
+                "seed": seed, "amp": amp, "workers": workers,
                 "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
-    stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, **training)
+    stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps, **training)
     _resources(stage1, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
 
     gmm = fit_gmm(checkpoint=stage1.outputs["model"], shards=shards["train"], input_size=input_size, method=method,
@@ -134,7 +136,7 @@ def cal_pipeline(
     _resources(gmm, "4", "16Gi", gpu=True).set_display_name("fit-gmm")
 
     stage2 = train_stage2(shards=shards["train"], init=stage1.outputs["model"], gmm=gmm.outputs["gmm"],
-                          epochs=epochs_stage2, mgm_update=mgm_update, **training)
+                          epochs=epochs_stage2, lr=lr_stage2, mgm_update=mgm_update, **training)
     _resources(stage2, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
 
     exported = export_onnx(checkpoint=stage2.outputs["model"], flip_test=flip_test, **tracking)

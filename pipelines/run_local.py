@@ -40,7 +40,7 @@ def synthetic_set(runs: Path, train: int, val: int, seed: int) -> Path:
         return target
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    print(f"generating a synthetic people set ({train} train / {val} val images) in {target}", flush=True)
+    print(f"generating a synthetic people set ({train} train / {val} val people) in {target}", flush=True)
     code = cal_pose(["synth", "--out", str(staging), "--train", str(train), "--val", str(val),
                      "--seed", str(seed)])
     if code != 0:
@@ -127,8 +127,8 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``make run`` / ``cal-pose pipeline run-local`` (defaults: a ~10-minute CPU run)."""
     parser.add_argument("--coco", help="COCO-layout dataset folder (default: $COCO_ROOT, else synthetic people)")
-    parser.add_argument("--people", type=int, default=400, help="synthetic training images")
-    parser.add_argument("--val-people", type=int, default=100, help="synthetic validation images")
+    parser.add_argument("--people", type=int, default=2000, help="synthetic training people")
+    parser.add_argument("--val-people", type=int, default=300, help="synthetic validation people")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
     parser.add_argument("--input-size", default="64x48", help="network input HxW")
     parser.add_argument("--method", default="cal", choices=("heatmap", "dark", "udp", "cal"))

@@ -170,6 +170,25 @@ class FakeClient:
         self.calls.append(("recurring", experiment_id, job_name, kwargs))
         return argparse.Namespace(recurring_run_id="job-1")
 
+    def list_recurring_runs(self, page_token, page_size, experiment_id):
+        pages = {"": (["weekly", "other"], "p2"), "p2": (["weekly"], "")}
+        names, token = pages[page_token]
+        runs = [argparse.Namespace(display_name=n, recurring_run_id=f"{page_token or 'p1'}-{n}") for n in names]
+        return argparse.Namespace(recurring_runs=runs, next_page_token=token)
+
+    def delete_recurring_run(self, recurring_run_id):
+        self.calls.append(("delete", recurring_run_id))
+
+    def get_pipeline_id(self, name):
+        return {"cal-pose": "pipe-1"}.get(name)
+
+    def upload_pipeline(self, package, pipeline_name):
+        self.calls.append(("upload", package, pipeline_name))
+        return argparse.Namespace(pipeline_id="pipe-new")
+
+    def upload_pipeline_version(self, package, pipeline_version_name, pipeline_id):
+        self.calls.append(("version", pipeline_version_name, pipeline_id))
+
 
 def test_submit_and_schedule_call_kfp_client():
     fake = FakeClient()
@@ -180,3 +199,24 @@ def test_submit_and_schedule_call_kfp_client():
     assert (experiment_id, name, kwargs["cron_expression"]) == ("exp-1", "weekly", "0 0 3 * * 1")
     assert kwargs["enable_caching"] is False and kwargs["no_catchup"] is True
     assert kwargs["pipeline_package_path"] == str(DEFAULT_OUTPUT)
+
+
+def test_schedule_replace_deletes_same_name_recurring_runs_only():
+    fake = FakeClient()
+    client.schedule(fake, "@weekly", {}, "weekly", "cal-pose", replace=True)
+    assert [c for c in fake.calls if c[0] == "delete"] == [("delete", "p1-weekly"), ("delete", "p2-weekly")]
+    assert fake.calls[-1][0] == "recurring"
+
+
+def test_bad_cron_fails_before_anything_is_deleted():
+    fake = FakeClient()
+    with pytest.raises(ValueError):
+        client.schedule(fake, "0 25 * * *", {}, "weekly", "cal-pose", replace=True)
+    assert fake.calls == []
+
+
+def test_upload_creates_the_pipeline_or_a_new_version():
+    fake = FakeClient()
+    assert client.upload(fake, "new-pipeline", "v1") == "pipe-new"
+    assert client.upload(fake, "cal-pose", "0.1.0-r2") == "pipe-1"
+    assert fake.calls[-1] == ("version", "0.1.0-r2", "pipe-1")
