@@ -4,7 +4,7 @@ The numbers are pycocotools' own (``COCOeval(iouType="keypoints")``); this
 module only forms the results and reads COCOeval's state for the report
 (per-keypoint error of matched people, OKS histogram). Instance scores follow
 the usual top-down protocol (HRNet, UDP, CAL): box score x mean score of the
-keypoints whose confidence exceeds ``KEYPOINT_SCORE_THR``; with detector boxes,
+keypoints whose confidence exceeds ``infer.KEYPOINT_SCORE_THRESHOLD``; with detector boxes,
 duplicates are removed by OKS-NMS.
 """
 
@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from cal_core.infer import instance_score
 from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS, OKS_SIGMAS
 
 #: COCOeval.stats order for keypoints.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
-#: Keypoints at or below this confidence do not count towards the instance score (HRNet's in_vis_thre).
-KEYPOINT_SCORE_THR = 0.2
 #: OKS-NMS threshold used with detector boxes (HRNet/UDP's oks_thre).
 OKS_NMS_THR = 0.9
 
@@ -163,16 +162,6 @@ def oks_nms(kpts: np.ndarray, scores: np.ndarray, areas: np.ndarray, threshold: 
     return keep
 
 
-def instance_scores(box_scores: np.ndarray, keypoint_scores: np.ndarray,
-                    threshold: float = KEYPOINT_SCORE_THR) -> np.ndarray:
-    """Box score x mean of the keypoint scores above ``threshold`` (0 when none is), per instance."""
-    confident = keypoint_scores > threshold
-    total = np.where(confident, keypoint_scores, 0.0).sum(axis=1)
-    count = confident.sum(axis=1)
-    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    return np.asarray(box_scores, np.float64) * mean
-
-
 def coco_results(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: np.ndarray,
                  box_scores: np.ndarray, areas: np.ndarray, nms_threshold: float | None = None
                  ) -> list[dict[str, Any]]:
@@ -187,7 +176,7 @@ def coco_results(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: 
                       ("box_scores", box_scores), ("areas", areas)):
         if len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} rows, image_ids has {n}")
-    scores = instance_scores(np.asarray(box_scores), np.asarray(keypoint_scores))
+    scores = instance_score(np.asarray(box_scores), np.asarray(keypoint_scores))
     poses = np.concatenate([keypoints, keypoint_scores[..., None]], axis=-1)
     results = []
     for image_id in dict.fromkeys(int(i) for i in image_ids):

@@ -20,9 +20,11 @@ are in ``parity.json`` either way.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ import onnx
 import torch
 from torch import nn
 
-from cal_core.skeleton import FLIP_INDEX, KEYPOINT_NAMES, LIMBS
+from cal_core import infer, tracking
+from cal_core.skeleton import KEYPOINT_NAMES, LIMBS
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +48,6 @@ REAL_CROPS = 8
 
 class ParityError(RuntimeError):
     """onnxruntime and torch disagree beyond tolerance (the message has the numbers)."""
-
-
-def flip_back(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Outputs of a mirrored input mapped back to the original frame.
-
-    Heatmaps are mirrored along x and left/right channels swapped; offsets
-    also get their x component negated. Under UDP the heatmap's first and
-    last pixel centres coincide with the input's, so no pixel shift is needed.
-    """
-    index = torch.as_tensor(FLIP_INDEX)
-    out = {"heatmap": outputs["heatmap"].flip(-1)[:, index]}
-    if "offset" in outputs:
-        offset = outputs["offset"].flip(-1)[:, index]
-        out["offset"] = torch.stack([-offset[:, :, 0], offset[:, :, 1]], dim=2)
-    return out
-
-
-def flip_test(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Average of the outputs for ``x`` and its mirror (flipped back); the standard flip test."""
-    plain = model(x)
-    mirrored = flip_back(model(x.flip(-1)))
-    return {key: (plain[key] + mirrored[key]) / 2 for key in plain}
 
 
 class RawGraph(nn.Module):
@@ -92,7 +73,7 @@ class KeypointGraph(nn.Module):
         self.flip = flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = flip_test(self.model, x) if self.flip else self.model(x)
+        out = infer.forward(self.model, x, self.flip)
         offset = out.get("offset") if self.codec.has_offsets else None
         keypoints, scores = self.codec.decode(out["heatmap"], offset)
         return torch.cat([keypoints, scores.unsqueeze(-1)], dim=-1)
@@ -104,7 +85,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str],
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str],
             metadata: dict[str, str]) -> None:
     """Export ``module`` with a dynamic batch axis to one self-contained ONNX file with metadata."""
     with warnings.catch_warnings():
@@ -151,7 +132,7 @@ def compare(raw: RawGraph, keypoints: KeypointGraph, raw_path: Path, kp_path: Pa
     with torch.no_grad():
         want_raw = [t.numpy() for t in raw(x)]
         want_kp = keypoints(x).numpy()
-        heat = (flip_test(raw.model, x) if keypoints.flip else raw.model(x))["heatmap"].numpy()
+        heat = infer.forward(raw.model, x, keypoints.flip)["heatmap"].numpy()
     feed = {"x": x.numpy()}
     got_raw = ort_session(raw_path).run(None, feed)
     got_kp = ort_session(kp_path).run(None, feed)[0]
@@ -204,10 +185,30 @@ def codec_for(config: dict[str, Any]) -> Any:
     return build_codec(config["method"], tuple(config["input_size"]), **settings)
 
 
-def export_model(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: bool,
-                 real: torch.Tensor | None = None, run_id: str | None = None,
-                 code_version: str = "") -> dict[str, Any]:
-    """Export ``model`` to ``out_dir``/{raw,keypoints}.onnx, check parity, write parity.json.
+def _random_inputs(codec: Any) -> torch.Tensor:
+    """The fixed random batch used as export example and first parity input."""
+    height, width = codec.input_size
+    return torch.randn(RANDOM_BATCH, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def export_graphs(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: bool,
+                  run_id: str | None = None, code_version: str = "") -> dict[str, Path]:
+    """Write ``out_dir``/raw.onnx and keypoints.onnx (checked by onnx.checker); returns their paths."""
+    codec = codec_for(config)
+    model = model.eval().float()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"raw": out_dir / "raw.onnx", "keypoints": out_dir / "keypoints.onnx"}
+    graphs = (("raw", RawGraph(model, codec.has_offsets), ["heatmap", "offset"][: 1 + codec.has_offsets]),
+              ("keypoints", KeypointGraph(model, codec, flip), ["keypoints"]))
+    for graph, module, names in graphs:
+        export_onnx(module, _random_inputs(codec), paths[graph], names,
+                    metadata_for(config, codec, graph, flip, run_id, code_version))
+    return paths
+
+
+def check_parity(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: bool,
+                 real: torch.Tensor | None = None) -> dict[str, Any]:
+    """Compare the graphs in ``out_dir`` with torch on random (and real) inputs; write parity.json.
 
     Raises :class:`ParityError` (after writing parity.json) when onnxruntime
     and torch disagree beyond tolerance.
@@ -215,19 +216,12 @@ def export_model(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: 
     codec = codec_for(config)
     model = model.eval().float()
     raw, keypoints = RawGraph(model, codec.has_offsets), KeypointGraph(model, codec, flip)
-    height, width = codec.input_size
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(RANDOM_BATCH, 3, height, width, generator=generator)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"raw": out_dir / "raw.onnx", "keypoints": out_dir / "keypoints.onnx"}
-    raw_names = ["heatmap", "offset"] if codec.has_offsets else ["heatmap"]
-    for graph, module, names in (("raw", raw, raw_names), ("keypoints", keypoints, ["keypoints"])):
-        _export(module, example, paths[graph], names, metadata_for(config, codec, graph, flip, run_id, code_version))
-    rows = [compare(raw, keypoints, paths["raw"], paths["keypoints"], example, "random normal")]
+    paths = (out_dir / "raw.onnx", out_dir / "keypoints.onnx")
+    rows = [compare(raw, keypoints, *paths, _random_inputs(codec), "random normal")]
     if real is not None and len(real):
-        rows.append(compare(raw, keypoints, paths["raw"], paths["keypoints"], real.float(), "real crops"))
+        rows.append(compare(raw, keypoints, *paths, real.float(), "real crops"))
     report = {"opset": OPSET, "tolerances": {"output_abs": OUTPUT_TOL, "keypoint_px": KEYPOINT_TOL_PX},
-              "method": config["method"], "input_size": f"{height}x{width}", "flip_test": flip,
+              "method": config["method"], "input_size": "{}x{}".format(*codec.input_size), "flip_test": flip,
               "checks": rows, "ok": all(r["ok"] for r in rows)}
     tmp = out_dir / "parity.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
@@ -236,3 +230,63 @@ def export_model(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: 
         bad = [r for r in rows if not r["ok"]]
         raise ParityError(f"onnxruntime vs torch mismatch beyond tolerance: {json.dumps(bad)}")
     return report
+
+
+def export_model(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: bool,
+                 real: torch.Tensor | None = None, run_id: str | None = None,
+                 code_version: str = "") -> dict[str, Any]:
+    """Export both graphs to ``out_dir`` and check them (:func:`export_graphs` + :func:`check_parity`)."""
+    export_graphs(model, config, out_dir, flip, run_id, code_version)
+    return check_parity(model, config, out_dir, flip, real)
+
+
+def real_crops(shards_uri: str, codec: Any, count: int = REAL_CROPS) -> torch.Tensor:
+    """The first ``count`` validation crops of a shard set, as the network sees them (eval mode)."""
+    from cal_core.data.dataset import ShardDataset
+
+    dataset = ShardDataset(shards_uri, codec, train=False)
+    if len(dataset) == 0:
+        raise ValueError(f"shard set {shards_uri} is empty: no real crops for the parity check")
+    return torch.stack([dataset[i]["image"] for i in range(min(count, len(dataset)))])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI flags of `cal-pose export`."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint URI (model.pt of `cal-pose train`)")
+    parser.add_argument("--out", required=True, help="output folder URI: raw.onnx, keypoints.onnx, parity.json")
+    parser.add_argument("--flip", action="store_true", help="fold the flip test into keypoints.onnx")
+    parser.add_argument("--shards", default=None, help="shard set whose crops join the parity check")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure."""
+    from cal_core.models import load_checkpoint, model_from_checkpoint
+    from cal_core.uris import output_dir, publish
+
+    ckpt = load_checkpoint(args.checkpoint)
+    config = dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt)
+    real = real_crops(args.shards, codec_for(config)) if args.shards else None
+    params = {"checkpoint": args.checkpoint, "flip": args.flip, "method": config["method"],
+              "backbone": config.get("backbone"), "input_size": config["input_size"], "opset": OPSET}
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
+        out = output_dir(args.out, Path(tmp) / "out")
+        try:
+            report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
+                                  str(ckpt.get("code_version", "")))
+        except ParityError as exc:
+            tracker.log_artifact(out / "parity.json")
+            log.error("%s", exc)
+            return 1
+        finally:
+            publish(out, args.out)
+        for row in report["checks"]:
+            tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
+                                 if isinstance(v, float)})
+        tracker.log_artifact(out, "onnx")
+    print(f"exported {config['method']} {report['input_size']} to {args.out}: parity ok "
+          f"({', '.join(r['inputs'] for r in report['checks'])})")
+    return 0

@@ -124,12 +124,6 @@ def test_oks_nms_drops_near_duplicates_only() -> None:
     assert evaluate.oks_nms(poses, scores, areas, threshold=1.01) == [1, 0, 3, 2]
 
 
-def test_instance_scores_use_confident_keypoints() -> None:
-    kp_scores = np.array([[0.1, 0.3, 0.9] + [0.0] * 14, [0.1] * 17])
-    got = evaluate.instance_scores(np.array([0.5, 1.0]), kp_scores)
-    np.testing.assert_allclose(got, [0.5 * (0.3 + 0.9) / 2, 0.0])
-
-
 def test_coco_results_with_nms_per_image() -> None:
     rng = np.random.default_rng(2)
     base = rng.uniform(10, 90, (NUM_KEYPOINTS, 2))
