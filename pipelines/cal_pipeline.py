@@ -77,8 +77,6 @@ def cal_pipeline(
     workers: int = 4,
     detections_uri: str = "",
     det_score_thr: float = 0.0,
-    train_split: str = "train",
-    val_split: str = "val",
     work_uri: str = "",
     mlflow_experiment: str = "cal-pose",
     model_name: str = "cal-pose",
@@ -106,8 +104,6 @@ def cal_pipeline(
         workers: worker processes for downsampling and data loading.
         detections_uri: optional COCO-format person detections (JSON) for the val split; empty = ground-truth boxes.
         det_score_thr: minimum detection score kept when detections_uri is set.
-        train_split: COCO split used for training ("train" -> train2017).
-        val_split: COCO split used for evaluation ("val" -> val2017).
         work_uri: optional s3:// prefix for resumable training folders (a retried training task resumes
             from <work_uri>/<run id>/stage<N>/last.pt); empty = train inside the artifact folder.
         mlflow_experiment: MLflow experiment of the pipeline run and its stage runs.
@@ -119,11 +115,11 @@ def cal_pipeline(
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
 
     shards = {}
-    for name, split, detections in (("train", train_split, ""), ("val", val_split, detections_uri)):
+    for split, detections in (("train", ""), ("val", detections_uri)):
         task = downsample(coco_uri=coco_uri, split=split, input_size=input_size, detections_uri=detections,
                           det_score_thr=det_score_thr, workers=workers, experiment=mlflow_experiment)
-        _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{name}")
-        shards[name] = task.outputs["shards"]
+        _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{split}")
+        shards[split] = task.outputs["shards"]
 
     training = {"input_size": input_size, "method": method, "backbone": backbone, "batch_size": batch_size,
                 "seed": seed, "amp": amp, "workers": workers,

@@ -124,6 +124,12 @@ def test_every_parameter_has_a_description_and_default(spec):
         assert "defaultValue" in definition or definition.get("isOptional"), f"parameter {name} lacks a default"
 
 
+def test_every_parameter_is_documented(spec):
+    doc = (ROOT / "docs" / "parameters.md").read_text()
+    for name in spec["root"]["inputDefinitions"]["parameters"]:
+        assert f"| `{name}` |" in doc, f"docs/parameters.md does not document {name}"
+
+
 @pytest.mark.parametrize(("given", "expected"), [
     ("30 2 * * *", "0 30 2 * * *"),
     ("0 30 2 * * *", "0 30 2 * * *"),
