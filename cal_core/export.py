@@ -21,6 +21,8 @@ are in ``parity.json`` either way.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -88,13 +90,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str],
             metadata: dict[str, str]) -> None:
     """Export ``module`` with a dynamic batch axis to one self-contained ONNX file with metadata."""
-    with warnings.catch_warnings():
+    chatter = io.StringIO()  # the exporter prints progress lines on stdout; keep CLI output clean
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (example,), dynamo=True, input_names=["x"], output_names=output_names,
             opset_version=OPSET, dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
             external_data=False, verbose=False,
         )
+    log.debug("torch.onnx.export: %s", chatter.getvalue())
     model = program.model_proto
     onnx.helper.set_model_props(model, metadata)
     onnx.checker.check_model(model, full_check=True)
