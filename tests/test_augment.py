@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ def test_crop_box_is_the_central_part_in_udp_units() -> None:
 def test_eval_maps_the_padded_box_onto_the_input() -> None:
     # crop 72 wide x 96 high, margin 1.5, input 64x48: box x 11.8333..59.1667 -> 0..47, y 15.8333..79.1667 -> 0..63
     matrix, flipped = sample_transform(
-        np.random.default_rng(0), np.zeros((17, 2)), np.zeros(17), (72, 96), 1.5, (64, 48), None
+        random.Random(0), np.zeros((17, 2)), np.zeros(17), (72, 96), 1.5, (64, 48), None
     )
     assert not flipped
     corners = np.array([[35.5 - 71 / 3, 47.5 - 95 / 3], [35.5 + 71 / 3, 47.5 + 95 / 3], [35.5, 47.5]])
@@ -32,14 +34,14 @@ def test_eval_maps_the_padded_box_onto_the_input() -> None:
 
 def test_no_augmentation_with_margin_one_is_the_identity() -> None:
     matrix, _ = sample_transform(
-        np.random.default_rng(0), np.zeros((17, 2)), np.zeros(17), (48, 64), 1.0, (64, 48), NO_AUG
+        random.Random(0), np.zeros((17, 2)), np.zeros(17), (48, 64), 1.0, (64, 48), NO_AUG
     )
     np.testing.assert_allclose(matrix, [[1, 0, 0], [0, 1, 0]], atol=1e-12)
 
 
 def test_flip_mirrors_pixels_and_swaps_a_known_joint() -> None:
-    rng = np.random.default_rng(1)
-    crop = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    rng = random.Random(1)
+    crop = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     keypoints = np.zeros((NUM_KEYPOINTS, 2))
     vis = np.zeros(NUM_KEYPOINTS)
     keypoints[9], vis[9] = (10.0, 20.0), 2  # left wrist
@@ -79,16 +81,16 @@ def test_half_body_needs_more_than_eight_labelled_joints() -> None:
     vis = np.zeros(NUM_KEYPOINTS)
     vis[:8] = 2
     config = AugmentConfig(flip_prob=0.0, half_body_prob=1.0, scale_factor=0.0, rotation_prob=0.0)
-    plain, _ = sample_transform(np.random.default_rng(0), keypoints, vis, (72, 96), 1.5, (64, 48), NO_AUG)
-    eight, _ = sample_transform(np.random.default_rng(0), keypoints, vis, (72, 96), 1.5, (64, 48), config)
+    plain, _ = sample_transform(random.Random(0), keypoints, vis, (72, 96), 1.5, (64, 48), NO_AUG)
+    eight, _ = sample_transform(random.Random(0), keypoints, vis, (72, 96), 1.5, (64, 48), config)
     np.testing.assert_allclose(eight, plain)
     vis[:10] = 2
-    nine, _ = sample_transform(np.random.default_rng(0), keypoints, vis, (72, 96), 1.5, (64, 48), config)
+    nine, _ = sample_transform(random.Random(0), keypoints, vis, (72, 96), 1.5, (64, 48), config)
     assert not np.allclose(nine, plain)
 
 
 def test_drawn_scale_rotation_and_flip_follow_the_authors_distributions() -> None:
-    rng = np.random.default_rng(2)
+    rng = random.Random(2)
     kp, vis = np.zeros((NUM_KEYPOINTS, 2)), np.zeros(NUM_KEYPOINTS)
     base, _ = sample_transform(rng, kp, vis, (72, 96), 1.5, (64, 48), None)
     scales, angles, flips = [], [], []
@@ -108,14 +110,14 @@ def test_drawn_scale_rotation_and_flip_follow_the_authors_distributions() -> Non
 
 
 def test_pixels_and_keypoints_move_together_under_random_augmentation() -> None:
-    rng = np.random.default_rng(3)
+    rng = random.Random(3)
     hits = 0
     for _ in range(200):
         crop = np.zeros((96, 72), np.uint8)
         kp = np.zeros((NUM_KEYPOINTS, 2))
         vis = np.zeros(NUM_KEYPOINTS)
-        joint = int(rng.integers(NUM_KEYPOINTS))
-        kp[joint] = rng.integers(20, 52), rng.integers(25, 71)
+        joint = rng.randrange(NUM_KEYPOINTS)
+        kp[joint] = rng.randrange(20, 52), rng.randrange(25, 71)
         vis[joint] = 2
         crop[int(kp[joint, 1]) - 1 : int(kp[joint, 1]) + 2, int(kp[joint, 0]) - 1 : int(kp[joint, 0]) + 2] = (
             255
@@ -142,7 +144,7 @@ def test_joints_leaving_the_input_lose_their_label() -> None:
     kp = np.array([[5.0, 5.0]] * NUM_KEYPOINTS)
     kp[0] = (40.0, 50.0)
     vis = np.full(NUM_KEYPOINTS, 2.0)
-    matrix, _ = sample_transform(np.random.default_rng(0), kp, vis, (72, 96), 1.5, (64, 48), None)
+    matrix, _ = sample_transform(random.Random(0), kp, vis, (72, 96), 1.5, (64, 48), None)
     _, points, out_vis = warp_sample(np.zeros((96, 72, 3), np.uint8), kp, vis, matrix, False, (64, 48))
     assert out_vis[0] == 2 and (out_vis[1:] == 0).all()
     assert (points[1:] < 0).all()

@@ -29,6 +29,7 @@ the input lose their label (visibility 0), so no codec trains on them.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import cv2
@@ -88,7 +89,7 @@ def half_body_box(
 
 
 def sample_transform(
-    rng: np.random.Generator | None,
+    rng: random.Random | None,
     keypoints: np.ndarray,
     visibility: np.ndarray,
     crop_wh: tuple[int, int],
@@ -100,7 +101,9 @@ def sample_transform(
 
     ``keypoints`` ``(K, 2)`` and ``visibility`` ``(K,)`` are in crop pixels;
     ``input_size`` is ``(H, W)``. ``config=None`` is evaluation: the padded box
-    maps exactly onto the input and nothing is drawn from ``rng`` (which may be None).
+    maps exactly onto the input and nothing is drawn from ``rng`` (which may be
+    None). ``rng`` is a ``random.Random``: seeding one per sample costs a
+    fraction of a numpy generator, and the loader seeds one per sample.
     """
     out_wh = (int(input_size[1]), int(input_size[0]))
     center, size = crop_box(crop_wh, margin)
@@ -108,25 +111,20 @@ def sample_transform(
         return warp_matrix(center, size, 0.0, out_wh), False
     labelled = np.asarray(visibility) > 0
     if labelled.sum() > config.half_body_min_joints and rng.random() < config.half_body_prob:
-        box = half_body_box(
-            keypoints, labelled, out_wh[0] / out_wh[1], config.half_body_enlarge, rng.standard_normal() < 0.5
-        )
+        upper_first = rng.gauss(0.0, 1.0) < 0.5
+        box = half_body_box(keypoints, labelled, out_wh[0] / out_wh[1], config.half_body_enlarge, upper_first)
         if box is not None:
             center, size = box
     sf, rf = config.scale_factor, config.rotation_factor
-    size = size * float(np.clip(rng.standard_normal() * sf + 1.0, 1.0 - sf, 1.0 + sf))
+    size = size * min(max(rng.gauss(1.0, sf), 1.0 - sf), 1.0 + sf)
     rotation = (
-        float(np.clip(rng.standard_normal() * rf, -2 * rf, 2 * rf))
-        if rng.random() < config.rotation_prob
-        else 0.0
+        min(max(rng.gauss(0.0, rf), -2.0 * rf), 2.0 * rf) if rng.random() < config.rotation_prob else 0.0
     )
-    flip = bool(rng.random() < config.flip_prob)
-    if not flip:
+    if rng.random() >= config.flip_prob:
         return warp_matrix(center, size, rotation, out_wh), False
     mirrored_center = np.array([crop_wh[0] - 1.0 - center[0], center[1]])
-    return compose_affine(
-        warp_matrix(mirrored_center, size, rotation, out_wh), hflip_matrix(crop_wh[0])
-    ), True
+    matrix = compose_affine(warp_matrix(mirrored_center, size, rotation, out_wh), hflip_matrix(crop_wh[0]))
+    return matrix, True
 
 
 def warp_sample(

@@ -28,6 +28,7 @@ import bisect
 import hashlib
 import json
 import logging
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -252,7 +253,7 @@ class ShardDataset(Dataset):
                 f"(ann_id {shard.ann_id[row]}): crop is not a decodable JPEG"
             )
         kp = shard.keypoints[row]
-        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment else None
+        rng = random.Random((self.seed << 64) + (self.epoch << 32) + index) if self.augment else None
         matrix, flipped = sample_transform(
             rng,
             kp[:, :2],
