@@ -186,7 +186,9 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
     codec = codec_from_config(config)
     params = {"checkpoint": checkpoint, "shards": shards, "components": components or "auto",
               "max_components": max_components, "max_samples": max_samples, "seed": seed}
-    with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params) as tracker:
+    local = None if "://" in out else out
+    with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params,
+                            local_dir=local) as tracker:
         loader = _loader(shards, codec, batch_size, workers, max_samples, seed)
         d = collect_displacements(model_from_checkpoint(ckpt), loader, pick_device(device, 0), max_samples)
         report = {**fit_mixture(d, components, max_components, seed), "stats": displacement_stats(d),

@@ -1,0 +1,484 @@
+"""`cal-pose train`: one training loop for every method and both CAL stages.
+
+- heatmap / dark: Gaussian heatmaps, MSE (Eq. 3); dark differs at decode only.
+- udp: binary disk + offsets, Eq. 8.
+- cal stage 1: Gaussian-weighted disk G = B * C (Eq. 10), offsets weighted by G (Eq. 14).
+- cal stage 2: starts from the stage-1 checkpoint (``--init``); the offset loss is
+  weighted by the Mixed Gaussian Masks (Eq. 15), placed from ``gmm.json``
+  (``--mgm-update static``) or refitted per mini-batch by EM warm-started from
+  it (``--mgm-update batch``, Alg. 1).
+
+The loop runs on a CPU, one GPU (``--amp``: bf16 autocast where supported,
+fp16 + GradScaler otherwise) or several processes under ``torchrun`` (DDP;
+gloo on CPU, NCCL on GPU). Rank 0 writes ``<out>/last.pt`` atomically after
+every epoch (and every ``--checkpoint-every`` steps) and ``<out>/model.pt``
+at the end; ``--resume`` continues from ``last.pt`` exactly (same batches,
+same RNG states). A non-finite loss stops the run with an error naming the
+epoch and step; the last good checkpoint stays. MLflow goes through
+:mod:`cal_core.tracking`, which never lets an unreachable server stop training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cal_core import checkpoint, distributed, storage, tracking
+from cal_core.config import STAGE2_TRAIN, TrainConfig, parse_steps
+from cal_core.stage2 import MaskMaker, freeze_frozen_norms, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped, the last good checkpoint is kept."""
+
+
+@dataclass
+class Session:
+    """Everything one run trains with (built once; restored from a checkpoint on resume)."""
+
+    config: TrainConfig
+    ctx: distributed.DistContext
+    codec: Any
+    dataset: Any
+    model: nn.Module
+    ddp_model: nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    masks: MaskMaker | None
+    model_config: dict[str, Any]
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``cal-pose train`` (docs/architecture.md, CLI contract)."""
+    add = parser.add_argument
+    add("--shards", required=True, help="training shards: <dir or s3 prefix> with manifest.json")
+    add("--val-shards", default=None, help="validation shards (GT boxes) for COCO AP every --val-every epochs")
+    add("--method", required=True, choices=("heatmap", "dark", "udp", "cal"))
+    add("--stage", type=int, default=1, choices=(1, 2), help="CAL training stage (2 needs --init and --gmm)")
+    add("--backbone", default="tiny")
+    add("--head", default="auto", help="auto = the method's head (heatmap, offset or dual)")
+    add("--epochs", type=int, default=None, help="default 210 (stage 1) or 40 (stage 2)")
+    add("--batch-size", type=int, default=32, help="per process")
+    add("--lr", type=float, default=None, help="Adam learning rate; default 1e-3 (stage 1) or 1e-4 (stage 2)")
+    add("--lr-steps", default=None, help="epochs where lr is multiplied by 0.1, e.g. 170,200 ('' = none)")
+    add("--weight-decay", type=float, default=0.0)
+    add("--alpha", type=float, default=0.7, help="offset loss weight of Eqs. 8, 14, 15")
+    add("--workers", type=int, default=2, help="data loader worker processes")
+    add("--out", required=True, help="run folder (local or s3://): last.pt, model.pt")
+    add("--init", default=None, help="checkpoint to start from (stage 2: the stage-1 model.pt)")
+    add("--gmm", default=None, help="gmm.json from cal-pose fit-gmm (stage 2)")
+    add("--mgm-update", default="static", choices=("static", "batch"),
+        help="stage 2: masks from gmm.json (static) or refitted per mini-batch (batch, Alg. 1)")
+    add("--stage2-train", default=None, choices=STAGE2_TRAIN,
+        help="stage 2: train the whole net (all) or only the offset branch (offset)")
+    add("--resume", action="store_true", help="continue from <out>/last.pt when it exists")
+    add("--val-every", type=int, default=1, help="validate every K epochs (0 = never)")
+    add("--no-val-flip", action="store_true", help="validate without the flip test")
+    add("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0 = per epoch only)")
+    add("--log-every", type=int, default=10, help="log step metrics every N steps")
+    add("--max-steps", type=int, default=0, help="stop after N optimizer steps in total (0 = no limit)")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 + GradScaler")
+    add("--seed", type=int, default=0)
+    add("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    add("--no-augment", action="store_true", help="train without augmentation")
+    add("--threads", type=int, default=0, help="torch CPU threads per process (0 = torch default)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--experiment", default=None, help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME or cal-pose)")
+    add("--run-name", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed CLI flags."""
+    extra = {} if args.stage2_train is None else {"stage2_train": args.stage2_train}
+    return TrainConfig(
+        shards=args.shards, out=args.out, method=args.method, stage=args.stage, val_shards=args.val_shards,
+        backbone=args.backbone, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_steps=parse_steps(args.lr_steps), weight_decay=args.weight_decay, alpha=args.alpha,
+        workers=args.workers, init=args.init, gmm=args.gmm, mgm_update=args.mgm_update, resume=args.resume,
+        val_every=args.val_every, val_flip=not args.no_val_flip, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, max_steps=args.max_steps, device=args.device, amp=args.amp, seed=args.seed,
+        deterministic=args.deterministic, augment=not args.no_augment, threads=args.threads,
+        progress=not args.no_progress, experiment=args.experiment, run_name=args.run_name, **extra,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``cal-pose train``."""
+    uri = train(config_from_args(args))
+    if uri:
+        print(uri)
+    return 0
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; in deterministic mode also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    """Autocast dtype: None without --amp; bf16 on CPU and on GPUs that support it; else fp16."""
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _manifest_digest(uri: str) -> tuple[dict[str, Any], str]:
+    """The shard set's manifest and its sha256 (logged so a run names its exact data)."""
+    raw = storage.read_bytes(storage.join(uri, "manifest.json"))
+    return json.loads(raw), hashlib.sha256(raw).hexdigest()
+
+
+def _build_model(config: TrainConfig, input_size: tuple[int, int], device: torch.device) -> tuple[nn.Module, str]:
+    """The network for the method (stage 2: initialised from the stage-1 checkpoint)."""
+    from cal_core.models import build_model, default_head, load_checkpoint
+
+    head = default_head(config.method) if config.head == "auto" else config.head
+    model = build_model(config.backbone, head, input_size=input_size)
+    if config.init:
+        state = load_checkpoint(config.init)
+        init_cfg = state.get("config", {})
+        if tuple(init_cfg.get("input_size", input_size)) != tuple(input_size):
+            raise ValueError(f"--init {config.init} was trained at {init_cfg.get('input_size')}, "
+                             f"the shards are {list(input_size)}")
+        model.load_state_dict(state["model"])
+        log.info("initialised from %s", config.init)
+    return model.to(device), head
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam + MultiStepLR (x lr_factor at the lr_steps epochs), as the paper (§5.2)."""
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_steps), config.lr_factor)
+    return optimizer, scheduler
+
+
+def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
+    """Codec, data, model, optimiser, schedule, AMP and (stage 2) the mask maker for one run."""
+    from cal_core.codecs import build_codec, parse_size
+    from cal_core.data.dataset import ShardDataset
+    from cal_core.losses import build_loss
+
+    manifest, _ = _manifest_digest(config.shards)
+    input_size = parse_size(manifest["input_size"])
+    codec = build_codec(config.method, input_size)
+    dataset = ShardDataset(config.shards, codec, train=config.augment, seed=config.seed)
+    model, head = _build_model(config, input_size, ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    masks = None
+    if config.stage == 2:
+        params = trainable_parameters(model, config.stage2_train, input_size)
+        masks = MaskMaker.from_uri(config.gmm, config.mgm_update, codec.radius, codec.heatmap_size)
+    ddp_model = model
+    if ctx.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    optimizer, scheduler = _optimizer(params, config)
+    amp_dtype = amp_dtype_for(ctx.device, config.amp)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    model_config = {"method": config.method, "backbone": config.backbone, "head": head,
+                    "input_size": list(input_size), "num_joints": 17, "codec": codec.config(),
+                    "stage": config.stage, "train": config.to_dict()}
+    return Session(config, ctx, codec, dataset, model, ddp_model, build_loss(config.method, config.stage,
+                   config.alpha), optimizer, scheduler, scaler, amp_dtype, masks, model_config)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state(s: Session, complete: bool) -> dict[str, Any]:
+    """The full resumable state (tensors and primitives only: weights_only-loadable)."""
+    return {
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+        "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step, "rng": checkpoint.rng_state(),
+        "mgm": s.masks.params.to_dict() if s.masks is not None else None,
+        "config": s.model_config, "code_version": checkpoint.code_version(), "complete": complete,
+    }
+
+
+def _save_last(s: Session) -> None:
+    """Rank 0 writes ``<out>/last.pt`` atomically; other ranks wait so none runs ahead."""
+    if s.ctx.is_main:
+        checkpoint.save(storage.join(s.config.out, checkpoint.LAST), _state(s, complete=False))
+    distributed.barrier(s.ctx)
+
+
+def _restore(s: Session, uri: str) -> None:
+    """Load a ``last.pt`` into the session (model, optimiser, schedule, scaler, counters, RNG)."""
+    from cal_core import mgm
+
+    state = checkpoint.load(uri)
+    saved = state["config"]["train"]
+    for key in ("method", "stage", "backbone", "batch_size"):
+        if saved[key] != getattr(s.config, key):
+            raise ValueError(f"cannot resume {uri}: it was trained with {key}={saved[key]!r}, "
+                             f"this run asks for {getattr(s.config, key)!r}")
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.scaler.load_state_dict(state["scaler"])
+    s.epoch, s.epoch_step, s.step = state["epoch"], state["epoch_step"], state["step"]
+    if s.masks is not None and state.get("mgm"):
+        s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
+    checkpoint.set_rng_state(state["rng"])
+    log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", uri, s.epoch, s.step, s.epoch_step)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move a (nested dict/list of) tensor batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], s: Session) -> None:
+    """Stop with a clear error when the loss is NaN/inf on any rank (all ranks stop together)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=s.ctx.device)
+    if float(distributed.all_reduce_sum(bad, s.ctx)) == 0.0:
+        return
+    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    last = checkpoint.latest(s.config.out)
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {s.epoch + 1}, step {s.step + 1} (batch {s.epoch_step + 1} of the epoch): "
+        f"loss={float(loss):.4g} ({detail}); stopped without updating the weights. "
+        f"Last good checkpoint: {last or 'none yet'}")
+
+
+def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step on one batch; returns the loss and its terms (detached)."""
+    batch = _to_device(batch, s.ctx.device)
+    autocast = torch.autocast(s.ctx.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
+    with autocast:
+        outputs = s.ddp_model(batch["image"])
+    outputs = {k: v.float() for k, v in outputs.items()}
+    mgm_masks = None
+    if s.masks is not None:
+        mgm_masks = s.masks(outputs["heatmap"], batch["joints_hm"], batch["weights"])
+    loss, terms = s.loss_fn(outputs, batch["targets"], batch["weights"], mgm_masks)
+    _check_finite(loss, terms, s)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    return loss.detach(), terms
+
+
+def _loader(s: Session) -> DataLoader:
+    """This epoch's loader: this rank's batches of the epoch permutation, minus those already done."""
+    sampler = distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
+                                            s.ctx.world_size, s.config.seed)
+    sampler.set_epoch(s.epoch, s.epoch_step)
+    if hasattr(s.dataset, "set_epoch"):
+        s.dataset.set_epoch(s.epoch)
+    generator = torch.Generator().manual_seed(s.config.seed * 7919 + s.epoch)
+    return DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,
+                      pin_memory=s.ctx.device.type == "cuda", persistent_workers=False)
+
+
+def _progress(s: Session, loader: DataLoader) -> Iterator[Any]:
+    """Batches with a tqdm bar (main rank only) showing loss and samples/s."""
+    if not (s.config.progress and s.ctx.is_main):
+        return iter(loader)
+    from tqdm import tqdm
+
+    return iter(tqdm(loader, desc=f"epoch {s.epoch + 1}/{s.config.epochs}", leave=False, dynamic_ncols=True))
+
+
+def _batches_per_epoch(s: Session) -> int:
+    return distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
+                                         s.ctx.world_size).batches_per_epoch
+
+
+def _done(s: Session) -> bool:
+    return bool(s.config.max_steps) and s.step >= s.config.max_steps
+
+
+def train_epoch(s: Session, tracker: tracking.Tracker | None) -> dict[str, float]:
+    """One epoch (or its remainder after a resume); returns epoch metrics."""
+    s.ddp_model.train()
+    if s.config.stage == 2 and s.config.stage2_train == "offset":
+        freeze_frozen_norms(s.model)
+    totals: dict[str, float] = {}
+    seen, started = 0, time.perf_counter()
+    bar = _progress(s, _loader(s))
+    for batch in bar:
+        loss, terms = train_step(s, batch)
+        s.step, s.epoch_step = s.step + 1, s.epoch_step + 1
+        n = int(batch["image"].shape[0])
+        seen += n
+        for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * n
+        rate = seen / max(time.perf_counter() - started, 1e-9)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss):.4g}", samples_s=f"{rate:.0f}")
+        if tracker is not None and s.step % s.config.log_every == 0:
+            step_metrics = {"step_loss": float(loss), **{f"step_loss_{k}": float(v) for k, v in terms.items()}}
+            tracker.log_metrics({**step_metrics, "lr": s.optimizer.param_groups[0]["lr"]}, step=s.step)
+        if s.config.checkpoint_every and s.step % s.config.checkpoint_every == 0:
+            _save_last(s)
+        if _done(s):
+            break
+    return _epoch_metrics(s, totals, seen, time.perf_counter() - started)
+
+
+def _epoch_metrics(s: Session, totals: dict[str, float], seen: int, seconds: float) -> dict[str, float]:
+    """Loss means, samples seen (all ranks), samples/s and peak memory of one epoch."""
+    keys = sorted(totals)
+    packed = torch.tensor([seen, *[totals[k] for k in keys]], dtype=torch.float64, device=s.ctx.device)
+    summed = distributed.all_reduce_sum(packed, s.ctx).tolist()
+    count = max(summed[0], 1.0)
+    metrics = {k: v / count for k, v in zip(keys, summed[1:], strict=True)}
+    metrics.update(samples_seen=summed[0], samples_per_s=summed[0] / max(seconds, 1e-9), epoch_seconds=seconds,
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    if s.ctx.device.type == "cuda":
+        metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(s.ctx.device) / 2**20
+    return metrics
+
+
+# ----------------------------------------------------------------------------- validation and the run
+
+
+def validate(s: Session) -> dict[str, float]:
+    """COCO keypoint AP on ``--val-shards`` (GT boxes) through :mod:`cal_core.evaluate`."""
+    from cal_core.evaluate import evaluate_model
+
+    metrics = evaluate_model(s.model, s.codec, s.config.val_shards, flip=s.config.val_flip,
+                             device=s.ctx.device, batch_size=max(s.config.batch_size, 64))
+    return {f"val_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _run_params(s: Session) -> dict[str, Any]:
+    """Everything that defines the run, for MLflow: settings, data digest, code version, model size."""
+    _, digest = _manifest_digest(s.config.shards)
+    return {**s.config.to_dict(), "head": s.model_config["head"], "input_size": s.model_config["input_size"],
+            "codec": s.model_config["codec"], "train_manifest_sha256": digest,
+            "code_version": checkpoint.code_version(), "world_size": s.ctx.world_size,
+            "device": str(s.ctx.device), "amp_dtype": str(s.amp_dtype) if s.amp_dtype else "off",
+            "train_instances": len(s.dataset), "parameters": sum(p.numel() for p in s.model.parameters())}
+
+
+def _finish(s: Session, tracker: tracking.Tracker | None) -> str:
+    """Write ``<out>/model.pt`` (final weights + config) and log it as an artifact."""
+    uri = storage.join(s.config.out, checkpoint.FINAL)
+    if s.ctx.is_main:
+        final = {"model": s.model.state_dict(), "config": s.model_config, "epoch": s.epoch, "step": s.step,
+                 "code_version": checkpoint.code_version()}
+        if s.masks is not None:
+            final["mgm"] = s.masks.params.to_dict()
+        checkpoint.save(uri, final)
+        if tracker is not None:
+            _log_file(tracker, uri, "model")
+    distributed.barrier(s.ctx)
+    return uri
+
+
+def _log_file(tracker: tracking.Tracker, uri: str, artifact_path: str) -> None:
+    """Log a local file (or a downloaded copy of a remote one) as an MLflow artifact."""
+    import tempfile
+    from pathlib import Path
+
+    from cal_core.uris import fetch_local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(fetch_local(uri, Path(tmp) / Path(uri).name), artifact_path)
+
+
+def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
+    """Epochs from where the session stands to the end (or --max-steps)."""
+    while s.epoch < s.config.epochs and not _done(s):
+        metrics = train_epoch(s, tracker)
+        if _done(s) and s.epoch_step < _batches_per_epoch(s):
+            _save_last(s)
+            break
+        s.epoch, s.epoch_step = s.epoch + 1, 0
+        s.scheduler.step()
+        due = s.config.val_shards and s.config.val_every and (
+            s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
+        if due and s.ctx.is_main:
+            metrics.update(validate(s))
+        _save_last(s)
+        log.info("epoch %d/%d: %s", s.epoch, s.config.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if tracker is not None:
+            tracker.log_metrics({**metrics, "epoch": s.epoch}, step=s.step)
+
+
+def train(config: TrainConfig) -> str:
+    """Train as ``config`` says; returns the URI of ``<out>/model.pt``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = distributed.init(config.device)
+    try:
+        _seed_everything(config.seed, config.deterministic)
+        s = build_session(config, ctx)
+        last = checkpoint.latest(config.out) if config.resume else None
+        if last:
+            _restore(s, last)
+        if not ctx.is_main:
+            _loop(s, None)
+            return _finish(s, None)
+        with tracking.stage_run(f"train-s{config.stage}" if config.method == "cal" else "train",
+                                config.experiment, config.run_name or _default_run_name(config),
+                                local_dir=_local_dir(config.out)) as tracker:
+            tracker.log_params(_run_params(s))
+            tracker.set_tags({"cal_pose.method": config.method, "cal_pose.resumed_from": last or ""})
+            _loop(s, tracker)
+            return _finish(s, tracker)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _default_run_name(config: TrainConfig) -> str:
+    stage = f"-s{config.stage}" if config.method == "cal" else ""
+    return f"train-{config.method}{stage}-{config.backbone}"
+
+
+def _local_dir(out: str) -> str | None:
+    """Where the tracker writes its offline log: the run folder when it is local."""
+    return None if "://" in out else out
