@@ -254,3 +254,13 @@ def upload(local_path: str | Path, uri: str | Path) -> None:
             _client().put_object(bucket, key, source, size, part_size=part)
 
     _with_retries("upload", str(uri), put)
+
+
+def delete(uri: str | Path) -> None:
+    """Remove the file or object at ``uri``; absent is fine (idempotent)."""
+    if not is_s3(uri):
+        with contextlib.suppress(FileNotFoundError):
+            _local(uri).unlink()
+        return
+    bucket, key = split_s3(str(uri))
+    _with_retries("delete", str(uri), lambda: _client().remove_object(bucket, key))

@@ -1,0 +1,366 @@
+"""Reading and validating COCO person-keypoint annotations for the downsampling stage.
+
+A COCO root (local folder or ``s3://`` prefix) holds
+``annotations/person_keypoints_<split>2017.json`` and the images in
+``<split>2017/``. :func:`plan_split` turns the JSON into per-image work
+(:class:`ImageTask`) following COCO practice:
+
+- train keeps non-crowd people with at least one labelled keypoint;
+- val keeps every non-crowd person (pycocotools must see them all), or, with
+  a detection results file, every person detection scoring at least the
+  threshold (``ann_id`` -1, ``score`` the detector's).
+
+Crowd regions, unlabelled train people and low-scoring detections are
+*excluded* by these rules (counted). Malformed records are *skipped* and
+listed with a reason (:class:`Skip`), so one bad annotation never stops or
+silently corrupts a run. An annotation file that cannot be read or is not
+COCO is an error naming the file and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cal_core import storage
+from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS
+
+SPLITS = ("train", "val")
+#: COCO category id of "person".
+PERSON = int(COCO_PERSON_CATEGORY["id"])
+
+# Skip reasons (records that are malformed or unusable; listed in the manifest).
+BAD_RECORD = "bad_record"
+BAD_IMAGE_RECORD = "bad_image_record"
+UNKNOWN_IMAGE = "unknown_image"
+BAD_BOX = "bad_box"
+BAD_KEYPOINTS = "bad_keypoints"
+OUTSIDE_IMAGE = "outside_image"
+MISSING_FILE = "missing_file"
+CORRUPT_IMAGE = "corrupt_image"
+SIZE_MISMATCH = "size_mismatch"
+
+
+class AnnotationFileError(ValueError):
+    """An annotation or detection file that cannot be read or is not in COCO format."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One person to crop: a GT annotation (or a detection, ``ann_id`` -1)."""
+
+    ann_id: int
+    bbox: tuple[float, float, float, float]  # x, y, w, h in image pixels
+    keypoints: np.ndarray  # (17, 3) float64 x, y, v; unlabelled joints are 0, 0, 0
+    score: float
+    area: float
+
+    @property
+    def num_keypoints(self) -> int:
+        """Labelled joints (v > 0), counted from the keypoints rather than trusted from the file."""
+        return int((self.keypoints[:, 2] > 0).sum())
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to decode and the people to crop from it, in row order."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    instances: tuple[Instance, ...]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A record left out because it is malformed or unusable, and why."""
+
+    image_id: int
+    ann_id: int
+    file: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "ann_id": self.ann_id, "file": self.file, "reason": self.reason}
+
+
+@dataclass
+class SplitPlan:
+    """The work for one split: image tasks (sorted by image id), skips and rule exclusions."""
+
+    tasks: list[ImageTask]
+    skipped: list[Skip] = field(default_factory=list)
+    excluded: Counter = field(default_factory=Counter)
+
+
+def annotation_uri(coco_root: str, split: str) -> str:
+    """``<root>/annotations/person_keypoints_<split>2017.json``."""
+    _check_split(split)
+    return storage.join(coco_root, "annotations", f"person_keypoints_{split}2017.json")
+
+
+def image_uri(coco_root: str, split: str, file_name: str) -> str:
+    """``<root>/<split>2017/<file_name>``."""
+    _check_split(split)
+    return storage.join(coco_root, f"{split}2017", file_name)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def read_json(uri: str) -> tuple[Any, bytes]:
+    """Parsed JSON of ``uri`` and its raw bytes; :class:`AnnotationFileError` naming the file on failure."""
+    try:
+        raw = storage.read_bytes(uri)
+    except (OSError, storage.StorageError) as exc:
+        raise AnnotationFileError(f"{uri}: cannot read the file ({exc})") from exc
+    try:
+        return json.loads(raw), raw
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationFileError(f"{uri}: not valid JSON ({exc})") from exc
+
+
+def check_coco(data: Any, uri: str) -> dict[str, Any]:
+    """``data`` if it is a COCO keypoints file (images, annotations, a person category), else an error."""
+    if not isinstance(data, dict):
+        raise AnnotationFileError(
+            f"{uri}: not a COCO annotation file (top level is {type(data).__name__}, expected an object)"
+        )
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationFileError(f"{uri}: not a COCO annotation file (no {key!r} list)")
+    if not any(isinstance(c, dict) and c.get("id") == PERSON for c in data["categories"]):
+        raise AnnotationFileError(f"{uri}: no person category (id {PERSON}) in 'categories'")
+    return data
+
+
+def check_detections(data: Any, uri: str) -> list[dict[str, Any]]:
+    """``data`` if it is a COCO results list (objects with image_id, bbox, score), else an error."""
+    if not isinstance(data, list):
+        raise AnnotationFileError(
+            f"{uri}: not a COCO detection results file (expected a list, got {type(data).__name__})"
+        )
+    for i, det in enumerate(data):
+        if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
+            raise AnnotationFileError(f"{uri}: entry {i} is not a detection (needs image_id, bbox, score)")
+    return data
+
+
+def _int_id(value: Any) -> int | None:
+    """``value`` as an id if it is an integer (bools are not), else None."""
+    return int(value) if isinstance(value, int | np.integer) and not isinstance(value, bool) else None
+
+
+def _or_minus_one(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _image_record(img: Any) -> tuple[int, str, int, int] | None:
+    """``(id, file_name, width, height)`` of a well-formed image record, else None."""
+    if not isinstance(img, dict):
+        return None
+    image_id, width, height = _int_id(img.get("id")), _int_id(img.get("width")), _int_id(img.get("height"))
+    name = img.get("file_name")
+    if image_id is None or not isinstance(name, str) or not name or not width or not height:
+        return None
+    if width <= 0 or height <= 0 or ".." in name.split("/"):
+        return None
+    return image_id, name, width, height
+
+
+def parse_box(box: Any) -> tuple[float, float, float, float] | None:
+    """A finite ``(x, y, w, h)`` with positive size, else None."""
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or values[2] <= 0 or values[3] <= 0:
+        return None
+    return values  # type: ignore[return-value]
+
+
+def parse_keypoints(keypoints: Any) -> np.ndarray | None:
+    """COCO's flat ``[x, y, v] * 17`` as a ``(17, 3)`` array (v=0 joints zeroed), else None."""
+    try:
+        kp = np.asarray(keypoints, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if kp.shape != (NUM_KEYPOINTS * 3,) or not np.isfinite(kp).all():
+        return None
+    kp = kp.reshape(NUM_KEYPOINTS, 3).copy()
+    if not np.isin(kp[:, 2], (0, 1, 2)).all():
+        return None
+    kp[kp[:, 2] == 0] = 0.0
+    return kp
+
+
+def outside_image(box: tuple[float, float, float, float], width: int, height: int) -> bool:
+    """True if the box does not overlap the image at all."""
+    x, y, w, h = box
+    return x >= width or y >= height or x + w <= 0 or y + h <= 0
+
+
+def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Instance | str | None:
+    """The annotation as an :class:`Instance`, a skip reason, or None when a rule excludes it."""
+    box = parse_box(ann.get("bbox"))
+    if box is None:
+        return BAD_BOX
+    kp = parse_keypoints(ann.get("keypoints"))
+    if kp is None:
+        return BAD_KEYPOINTS
+    if outside_image(box, *size):
+        return OUTSIDE_IMAGE
+    area = ann.get("area")
+    area = float(area) if isinstance(area, int | float) and math.isfinite(area) else box[2] * box[3]
+    instance = Instance(int(ann["id"]), box, kp, 1.0, area)
+    return None if split == "train" and instance.num_keypoints == 0 else instance
+
+
+def _det_instance(det: dict[str, Any], size: tuple[int, int]) -> Instance | str:
+    """A detection as an :class:`Instance` (no keypoints, ``ann_id`` -1) or a skip reason."""
+    box = parse_box(det.get("bbox"))
+    if box is None:
+        return BAD_BOX
+    if outside_image(box, *size):
+        return OUTSIDE_IMAGE
+    return Instance(-1, box, np.zeros((NUM_KEYPOINTS, 3)), float(det["score"]), box[2] * box[3])
+
+
+def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, int, int]]:
+    """Well-formed image records by id; malformed ones are skipped."""
+    images: dict[int, tuple[int, str, int, int]] = {}
+    for img in coco["images"]:
+        record = _image_record(img)
+        if record is None:
+            image_id = _int_id(img.get("id")) if isinstance(img, dict) else None
+            name = img.get("file_name", "") if isinstance(img, dict) else ""
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD))
+        else:
+            images[record[0]] = record
+    return images
+
+
+def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPlan) -> dict[int, list]:
+    """Kept GT people per image id (sorted by ann id); skips and exclusions recorded in ``plan``."""
+    per_image: dict[int, list[Instance]] = {}
+    for ann in sorted(coco["annotations"], key=_ann_sort_key):
+        if not isinstance(ann, dict):
+            plan.skipped.append(Skip(-1, -1, "", BAD_RECORD))
+            continue
+        if ann.get("category_id") != PERSON:
+            continue
+        ann_id, image_id = _int_id(ann.get("id")), _int_id(ann.get("image_id"))
+        if ann_id is None or image_id is None:
+            plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD))
+            continue
+        if image_id not in images:
+            plan.skipped.append(Skip(image_id, ann_id, "", UNKNOWN_IMAGE))
+            continue
+        _, name, width, height = images[image_id]
+        if ann.get("iscrowd", 0):
+            plan.excluded["crowd"] += 1
+            continue
+        result = _gt_instance(ann, split, (width, height))
+        if isinstance(result, str):
+            plan.skipped.append(Skip(image_id, ann_id, name, result))
+        elif result is None:
+            plan.excluded["no_keypoints"] += 1
+        else:
+            per_image.setdefault(image_id, []).append(result)
+    return per_image
+
+
+def _ann_sort_key(ann: Any) -> tuple[int, str]:
+    """Annotations in id order (malformed ones last, in a stable order)."""
+    ann_id = _int_id(ann.get("id")) if isinstance(ann, dict) else None
+    return (ann_id, "") if ann_id is not None else (2**62, repr(ann)[:200])
+
+
+def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, plan: SplitPlan) -> dict:
+    """Person detections scoring >= ``thr`` per image id (highest score first)."""
+    per_image: dict[int, list[Instance]] = {}
+    order = sorted(range(len(detections)), key=lambda i: (-_score(detections[i]), i))
+    for i in order:
+        det = detections[i]
+        image_id = _int_id(det.get("image_id"))
+        if det.get("category_id", PERSON) != PERSON:
+            continue
+        if image_id is None or not math.isfinite(_score(det)):
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD))
+            continue
+        if image_id not in images:
+            plan.skipped.append(Skip(image_id, -1, "", UNKNOWN_IMAGE))
+            continue
+        if _score(det) < thr:
+            plan.excluded["below_score_threshold"] += 1
+            continue
+        _, name, width, height = images[image_id]
+        result = _det_instance(det, (width, height))
+        if isinstance(result, str):
+            plan.skipped.append(Skip(image_id, -1, name, result))
+        else:
+            per_image.setdefault(image_id, []).append(result)
+    return per_image
+
+
+def _score(det: dict[str, Any]) -> float:
+    try:
+        return float(det.get("score"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plan_split(
+    coco: dict[str, Any],
+    split: str,
+    detections: list[dict[str, Any]] | None = None,
+    det_score_thr: float = 0.0,
+) -> SplitPlan:
+    """The image tasks of ``split`` (sorted by image id) with the people each keeps, per the COCO rules.
+
+    ``detections`` (val only) replaces the GT boxes as the people to crop.
+    """
+    _check_split(split)
+    if detections is not None and split != "val":
+        raise ValueError("detections are a box source for the val split only")
+    plan = SplitPlan(tasks=[])
+    images = _images(coco, plan)
+    if detections is None:
+        per_image = _gt_candidates(coco, split, images, plan)
+    else:
+        per_image = _det_candidates(detections, det_score_thr, images, plan)
+    for image_id in sorted(per_image):
+        _, name, width, height = images[image_id]
+        plan.tasks.append(ImageTask(image_id, name, width, height, tuple(per_image[image_id])))
+    return plan
+
+
+def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int]) -> dict[str, Any]:
+    """The COCO file restricted to ``image_ids`` (their annotations, minus ``drop_ann_ids``).
+
+    Crowd annotations of those images stay: pycocotools uses them as ignore regions.
+    """
+    images = [img for img in coco["images"] if isinstance(img, dict) and img.get("id") in image_ids]
+    anns = [
+        a
+        for a in coco["annotations"]
+        if isinstance(a, dict)
+        and a.get("image_id") in image_ids
+        and a.get("category_id") == PERSON
+        and a.get("id") not in drop_ann_ids
+    ]
+    subset = {key: coco[key] for key in ("info", "licenses") if key in coco}
+    subset.update(
+        images=sorted(images, key=lambda i: i["id"]),
+        annotations=sorted(anns, key=lambda a: a["id"]),
+        categories=[c for c in coco["categories"] if c.get("id") == PERSON],
+    )
+    return subset

@@ -1,0 +1,489 @@
+"""``cal-pose downsample``: COCO (local or s3://) -> low-resolution parquet shards per input size.
+
+For one split, every kept person (:mod:`cal_core.data.coco` rules) becomes one
+row per requested input size: an anti-aliased crop of ``margin`` times the
+padded box (:mod:`cal_core.data.crops`), its keypoints in crop pixels and the
+crop -> image affine. Output: ``<out>/<HxW>/{manifest.json, annotations.json,
+shard-*.parquet}`` (:mod:`cal_core.data.shards`).
+
+Why a margin of 1.5 by default: training augments the stored crop with
+scales up to 1.35 and rotations of +-45 degrees (and more, rarely). A 1.35x
+zoom-out of the padded box rotated by 45 degrees needs a region about
+``1.35 * (|cos| + |sin| * aspect)`` ~ 1.5x as wide, so with 1.5 almost every
+augmented view stays inside real pixels instead of black fill.
+
+Work and reliability:
+
+- images are decoded once for all sizes, in worker processes (``imap``,
+  ordered, so rows and shards are deterministic), with a bounded number in
+  flight; shards stream out as they fill (never the whole set in memory);
+- every write is atomic; after each shard a journal (``_progress.json``)
+  records the finished shards and where the next one starts; the manifest
+  is written last. A rerun verifies existing shards (rows + sha256) and only
+  computes from the first missing one: a complete set is left untouched, a
+  killed run resumes and ends with the same bytes as an uninterrupted one;
+- malformed records and unreadable images are skipped and listed with the
+  reason in the manifest; ``strict`` turns the first one into an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cal_core import storage
+from cal_core.data import coco, crops, shards
+from cal_core.geometry import DEFAULT_PADDING, affine_points, invert_affine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MARGIN = 1.5
+DEFAULT_SHARD_SIZE = 2000
+JPEG_QUALITY = 95
+#: Skip reasons decided while decoding (the others come from the annotation file).
+IMAGE_REASONS = (coco.MISSING_FILE, coco.CORRUPT_IMAGE, coco.SIZE_MISMATCH)
+
+
+class DownsampleError(ValueError):
+    """A skip under ``strict`` or invalid settings; the message names the record and file."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs besides the image: sizes, geometry settings and where images live."""
+
+    sizes: tuple[tuple[int, int], ...]
+    margin: float
+    padding: float
+    image_root: str
+
+
+@dataclass
+class ImageResult:
+    """A worker's answer for one image: rows per size (column dicts), or why it was skipped."""
+
+    task: coco.ImageTask
+    rows: list[list[dict[str, Any]]]
+    reason: str | None = None
+    detail: str = ""
+
+
+_JOB: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _row(task: coco.ImageTask, inst: coco.Instance, matrix: np.ndarray, pixels: np.ndarray) -> dict[str, Any]:
+    """One shard row for a rendered person (keypoints of unlabelled joints stay 0, 0, 0)."""
+    kp = np.zeros((len(inst.keypoints), 3), np.float32)
+    labelled = inst.keypoints[:, 2] > 0
+    kp[labelled, :2] = affine_points(inst.keypoints[labelled, :2], matrix)
+    kp[labelled, 2] = inst.keypoints[labelled, 2]
+    return {"image_id": task.image_id, "ann_id": inst.ann_id, "file_name": task.file_name,
+            "crop": crops.encode_jpeg(pixels, JPEG_QUALITY), "crop_height": pixels.shape[0],
+            "crop_width": pixels.shape[1], "keypoints": kp.reshape(-1).tolist(),
+            "crop_to_image": invert_affine(matrix).reshape(-1).tolist(), "bbox": list(inst.bbox),
+            "area": inst.area, "score": inst.score, "num_keypoints": inst.num_keypoints}
+
+
+def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
+    """Read and decode one image once, then render every person at every size."""
+    job = job or _JOB
+    assert job is not None, "worker not initialised"
+    uri = storage.join(job.image_root, task.file_name)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        return ImageResult(task, [], coco.MISSING_FILE, str(exc))
+    matrices = [[crops.crop_matrix(inst.bbox, size, job.margin, job.padding) for inst in task.instances]
+                for size in job.sizes]
+    min_step = min(crops.source_step(m) for per_size in matrices for m in per_size)
+    try:
+        decoded = crops.decode(data, min_step)
+    except crops.ImageDecodeError as exc:
+        return ImageResult(task, [], coco.CORRUPT_IMAGE, str(exc))
+    if decoded.size != (task.width, task.height):
+        return ImageResult(task, [], coco.SIZE_MISMATCH,
+                           f"image is {decoded.size[0]}x{decoded.size[1]} (WxH), the annotations say "
+                           f"{task.width}x{task.height}")
+    rows = []
+    for size, per_size in zip(job.sizes, matrices, strict=True):
+        crop_h, crop_w = crops.crop_size(size, job.margin)
+        rows.append([_row(task, inst, m, crops.render(decoded, m, (crop_w, crop_h)))
+                     for inst, m in zip(task.instances, per_size, strict=True)])
+    return ImageResult(task, rows)
+
+
+def _results(tasks: Sequence[coco.ImageTask], job: Job, workers: int) -> Iterator[ImageResult]:
+    """:func:`process_image` over ``tasks`` in order; worker processes with at most ~8 images each in flight."""
+    if workers <= 1:
+        for task in tasks:
+            yield process_image(task, job)
+        return
+    window = threading.BoundedSemaphore(8 * workers)
+
+    def feed() -> Iterator[coco.ImageTask]:
+        for task in tasks:
+            window.acquire()
+            yield task
+
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (job,)) as pool:
+        for result in pool.imap(process_image, feed(), chunksize=1):
+            window.release()
+            yield result
+
+
+@dataclass
+class Output:
+    """One input size's shard set being written: its folder, finished shards and row buffer."""
+
+    size: tuple[int, int]
+    uri: str
+    previous: list[dict[str, Any]]
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    columns: dict[str, list[Any]] = field(default_factory=lambda: {c: [] for c in shards.COLUMNS})
+    written: int = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            for name in shards.COLUMNS:
+                self.columns[name].append(row[name])
+
+    def flush(self, start: list[Any]) -> None:
+        """Write the buffered rows as the next shard (skipped if an identical file is already there)."""
+        index = len(self.shards)
+        data = shards.shard_bytes(self.columns)
+        entry = {"path": shards.shard_name(index), "rows": len(self.columns["image_id"]),
+                 "sha256": shards.sha256(data), "start": start}
+        old = self.previous[index] if index < len(self.previous) else None
+        if not (old and old["sha256"] == entry["sha256"] and shards.shard_is_complete(self.uri, old)):
+            storage.write_bytes(storage.join(self.uri, entry["path"]), data)
+            self.written += 1
+        self.shards.append(entry)
+        self.columns = {c: [] for c in shards.COLUMNS}
+
+
+@dataclass
+class _Previous:
+    """What an earlier run left in one size folder: finished shards, where to go on, and its skips."""
+
+    shards: list[dict[str, Any]]
+    next: list[Any] | None
+    skipped: list[dict[str, Any]]
+    complete: bool
+    annotations_sha256: str | None = None
+
+
+def _header(size: tuple[int, int], split: str, margin: float, source: dict, settings: dict) -> dict[str, Any]:
+    """Manifest fields that must match for earlier output to be reused."""
+    crop_h, crop_w = crops.crop_size(size, margin)
+    return {"schema_version": shards.SCHEMA_VERSION, "split": split, "input_size": list(size),
+            "crop_size": [crop_h, crop_w], "margin": margin, "crop_format": shards.CROP_FORMAT,
+            "source": source, "settings": settings}
+
+
+def _previous(uri: str, header: dict[str, Any]) -> _Previous:
+    """The reusable state of ``uri``: its manifest, else its journal, if made with the same header."""
+    for name, complete in ((shards.MANIFEST, True), (shards.PROGRESS, False)):
+        path = storage.join(uri, name)
+        if not storage.exists(path):
+            continue
+        try:
+            doc = shards.read_json_file(path)
+        except shards.ShardError as exc:
+            log.warning("ignoring %s", exc)
+            continue
+        if isinstance(doc, dict) and all(doc.get(k) == v for k, v in header.items()):
+            return _Previous(doc.get("shards", []), doc.get("next"), doc.get("skipped", []), complete,
+                             (doc.get("annotations") or {}).get("sha256"))
+        log.info("%s was made from other inputs or settings: recomputing", path)
+    return _Previous([], None, [], False)
+
+
+def _verified_prefix(uri: str, entries: list[dict[str, Any]]) -> int:
+    """How many leading shard entries exist on storage with their recorded rows and sha256."""
+    for i, entry in enumerate(entries):
+        if not shards.shard_is_complete(uri, entry):
+            return i
+    return len(entries)
+
+
+def _strict_error(skip: coco.Skip, where: str, detail: str = "") -> DownsampleError:
+    what = f"image {skip.image_id} ({skip.file or 'no file'}), annotation {skip.ann_id}"
+    return DownsampleError(f"{where}: {what}: {skip.reason}{': ' + detail if detail else ''} "
+                           "(--strict turns skipped records into errors)")
+
+
+@dataclass
+class _Writer:
+    """Cuts the ordered row stream into shards of ``shard_size`` rows for every output size.
+
+    ``point`` is where a rerun would have to start to produce the current
+    (unflushed) shard: ``[image_id, rows of that image already in earlier shards]``,
+    or None once every image has been consumed.
+    """
+
+    outputs: list[Output]
+    header: dict[tuple[int, int], dict[str, Any]]
+    shard_size: int
+    plan_skips: list[dict[str, Any]]
+    image_skips: list[dict[str, Any]]
+    point: list[Any] | None
+    buffered: int = 0
+
+    def consume(self, result: ImageResult, first_row: int, next_point: list[Any] | None) -> None:
+        """Buffer the image's rows from ``first_row`` on, flushing every full shard."""
+        n = len(result.rows[0]) if result.rows else 0
+        i = first_row
+        while i < n:
+            take = min(n - i, self.shard_size - self.buffered)
+            for out, rows in zip(self.outputs, result.rows, strict=True):
+                out.add(rows[i:i + take])
+            self.buffered += take
+            i += take
+            if self.buffered == self.shard_size:
+                self.flush([result.task.image_id, i] if i < n else next_point)
+        if self.buffered == 0:
+            self.point = next_point
+
+    def flush(self, next_point: list[Any] | None) -> None:
+        """Write the current shard in every size, then each size's journal."""
+        for out in self.outputs:
+            out.flush(self.point)
+            journal = {**self.header[out.size], "shards": out.shards, "next": next_point,
+                       "skipped": self.plan_skips + self.image_skips}
+            storage.write_bytes(storage.join(out.uri, shards.PROGRESS), shards.json_bytes(journal))
+        self.buffered = 0
+        self.point = next_point
+
+
+def _is_done(out: Output, prev: _Previous) -> bool:
+    """True if ``out`` already holds a complete shard set for the same inputs and settings."""
+    if not prev.complete or _verified_prefix(out.uri, prev.shards) != len(prev.shards):
+        return False
+    path = storage.join(out.uri, shards.ANNOTATIONS)
+    try:
+        return shards.sha256(storage.read_bytes(path)) == prev.annotations_sha256
+    except FileNotFoundError:
+        return False
+
+
+def _resume(outputs: list[Output], prevs: list[_Previous],
+            tasks: list[coco.ImageTask]) -> tuple[list[Any] | None, list[dict[str, Any]]]:
+    """Keep the shards every size has verified; return where to go on and the image skips before it."""
+    done = min(_verified_prefix(out.uri, prev.shards) for out, prev in zip(outputs, prevs, strict=True))
+    for out, prev in zip(outputs, prevs, strict=True):
+        out.previous = prev.shards
+        out.shards = list(prev.shards[:done])
+    start = [tasks[0].image_id, 0] if tasks else None
+    if done == 0:
+        return start, []
+    doc = next((p for p in prevs if len(p.shards) > done), None)
+    point = doc.shards[done]["start"] if doc else next(p for p in prevs if len(p.shards) == done).next
+    doc = doc or next(p for p in prevs if len(p.shards) == done)
+    position = {t.image_id: i for i, t in enumerate(tasks)}
+    if point is not None and point[0] not in position:
+        for out in outputs:
+            out.shards = []
+        return start, []
+    stop = len(tasks) if point is None else position[point[0]]
+    restored = [s for s in doc.skipped if s.get("reason") in IMAGE_REASONS
+                and position.get(s.get("image_id"), len(tasks)) < stop]
+    return point, restored
+
+
+def _image_skips(result: ImageResult, image_root: str, strict: bool) -> list[dict[str, Any]]:
+    """Skip entries for every person of an image that could not be used (an error under ``strict``)."""
+    skips = [coco.Skip(result.task.image_id, inst.ann_id, result.task.file_name, result.reason or "")
+             for inst in result.task.instances]
+    if strict:
+        raise _strict_error(skips[0], storage.join(image_root, result.task.file_name), result.detail)
+    log.warning("skipping image %s (%s): %s: %s", result.task.image_id, result.task.file_name, result.reason,
+                result.detail)
+    return [s.to_dict() for s in skips]
+
+
+def _kept_images(gt: dict[str, Any], tasks: list[coco.ImageTask], image_skips: list[dict[str, Any]],
+                 detections: bool) -> set[int]:
+    """Images whose ground truth goes to annotations.json.
+
+    Those with at least one row; with detections also every image with a
+    non-crowd GT person but no detection, so missed people count against AP.
+    """
+    failed = {s["image_id"] for s in image_skips}
+    kept = {t.image_id for t in tasks} - failed
+    if detections:
+        tasked = {t.image_id for t in tasks}
+        known = {img.get("id") for img in gt["images"] if isinstance(img, dict)}
+        kept |= {a.get("image_id") for a in gt["annotations"] if isinstance(a, dict)
+                 and a.get("category_id") == coco.PERSON and not a.get("iscrowd", 0)
+                 and a.get("image_id") in known and a.get("image_id") not in tasked}
+    return kept
+
+
+def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan, detections: bool) -> None:
+    """Last shard, annotations.json, then the manifest; drop the journal and stale files."""
+    if writer.buffered:
+        writer.flush(None)
+    kept = _kept_images(gt, plan.tasks, writer.image_skips, detections)
+    drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0}
+    annotations = shards.json_bytes(coco.gt_subset(gt, kept, drop))
+    skipped = writer.plan_skips + writer.image_skips
+    for out in writer.outputs:
+        storage.write_bytes(storage.join(out.uri, shards.ANNOTATIONS), annotations)
+        counts = {"images": len(kept), "instances": sum(e["rows"] for e in out.shards),
+                  "skipped": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+                  "excluded": dict(sorted(plan.excluded.items()))}
+        manifest = {**writer.header[out.size], "shards": out.shards, "counts": counts, "skipped": skipped,
+                    "annotations": {"path": shards.ANNOTATIONS, "sha256": shards.sha256(annotations)}}
+        storage.write_bytes(storage.join(out.uri, shards.MANIFEST), shards.json_bytes(manifest))
+        _remove_stale(out)
+
+
+def _remove_stale(out: Output) -> None:
+    """Delete the journal, shards the manifest does not list, and temp files of killed writes."""
+    listed = {e["path"] for e in out.shards}
+    for uri in storage.list_prefix(out.uri):
+        name = uri.rsplit("/", 1)[-1]
+        relative = uri[len(out.uri.rstrip("/")) + 1:]
+        if "/" in relative:
+            continue
+        stale_shard = name.startswith("shard-") and name.endswith(".parquet") and name not in listed
+        temp = name.startswith(".") and name.endswith(".tmp")
+        if stale_shard or temp or name == shards.PROGRESS:
+            storage.delete(uri)
+
+
+def _load_inputs(coco_uri: str, split: str, detections: str | None,
+                 det_score_thr: float) -> tuple[dict[str, Any], coco.SplitPlan, dict[str, Any]]:
+    """The annotation file, the split's plan and the ``source`` manifest entry (URIs and sha256)."""
+    ann_uri = coco.annotation_uri(coco_uri, split)
+    data, raw = coco.read_json(ann_uri)
+    gt = coco.check_coco(data, ann_uri)
+    source = {"annotations": {"uri": ann_uri, "sha256": shards.sha256(raw)},
+              "images": storage.join(coco_uri, f"{split}2017")}
+    dets = None
+    if detections:
+        det_data, det_raw = coco.read_json(detections)
+        dets = coco.check_detections(det_data, detections)
+        source["detections"] = {"uri": detections, "sha256": shards.sha256(det_raw)}
+    return gt, coco.plan_split(gt, split, dets, det_score_thr), source
+
+
+def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | tuple[int, int]],
+               detections: str | None = None, det_score_thr: float = 0.0,
+               shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
+               margin: float = DEFAULT_MARGIN, strict: bool = False,
+               progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Write ``<out>/<HxW>/`` shard sets for ``split`` of the COCO root ``coco_uri``; returns a report per size.
+
+    The report says per size where the set is, how many shards it has, how
+    many this call wrote (0 when everything was already complete) and the
+    manifest counts. See the module docstring for resume and skip behaviour.
+    """
+    sizes = tuple(dict.fromkeys(shards.parse_size(s) for s in input_sizes))
+    if not sizes or margin < 1 or shard_size < 1:
+        raise DownsampleError(f"need >= 1 input size, margin >= 1 and shard_size >= 1, got {input_sizes}, "
+                              f"{margin}, {shard_size}")
+    gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr)
+    if strict and plan.skipped:
+        raise _strict_error(plan.skipped[0], detections or source["annotations"]["uri"])
+    settings = {"padding": DEFAULT_PADDING, "shard_size": shard_size, "jpeg_quality": JPEG_QUALITY,
+                "box_source": "detections" if detections else "ground_truth", "det_score_thr": det_score_thr,
+                "resampling": "jpeg-dct-draft + box-reduce + bilinear"}
+    header = {size: _header(size, split, margin, source, settings) for size in sizes}
+    outputs = [Output(size, storage.join(out, shards.size_name(size)), []) for size in sizes]
+    prevs = [_previous(o.uri, header[o.size]) for o in outputs]
+    if all(_is_done(o, p) for o, p in zip(outputs, prevs, strict=True)):
+        log.info("%s: all shards already complete for %s", out, ", ".join(map(shards.size_name, sizes)))
+        return _report(outputs, prevs, already_complete=True)
+    point, restored = _resume(outputs, prevs, plan.tasks)
+    writer = _Writer(outputs, header, shard_size, [s.to_dict() for s in plan.skipped], restored, point)
+    _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
+    _finish(writer, gt, plan, detections is not None)
+    return _report(outputs, [_previous(o.uri, header[o.size]) for o in outputs], already_complete=False)
+
+
+def _run_tasks(writer: _Writer, plan: coco.SplitPlan, job: Job, workers: int | None, strict: bool,
+               progress: bool) -> None:
+    """Process the images from the writer's resume point on, feeding rows and skips to the writer."""
+    tasks = plan.tasks
+    start, first_row = len(tasks), 0  # no point: every image was consumed before
+    if writer.point is not None:
+        start = next(i for i, t in enumerate(tasks) if t.image_id == writer.point[0])
+        first_row = int(writer.point[1])
+    todo = tasks[start:]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    bar = tqdm(total=len(todo), unit="img", desc="downsample", disable=not progress)
+    for offset, result in enumerate(_results(todo, job, workers)):
+        position = start + offset
+        next_point = [tasks[position + 1].image_id, 0] if position + 1 < len(tasks) else None
+        if result.reason:
+            writer.image_skips.extend(_image_skips(result, job.image_root, strict))
+        writer.consume(result, first_row if offset == 0 else 0, next_point)
+        bar.update(1)
+    bar.close()
+
+
+def _report(outputs: list[Output], prevs: list[_Previous], already_complete: bool) -> dict[str, dict[str, Any]]:
+    """Per size: URI, shard count, shards written by this call and the manifest counts."""
+    report = {}
+    for out, prev in zip(outputs, prevs, strict=True):
+        manifest = shards.read_manifest(out.uri)
+        report[shards.size_name(out.size)] = {
+            "uri": out.uri, "shards": len(prev.shards), "written": 0 if already_complete else out.written,
+            "already_complete": already_complete, "counts": manifest["counts"]}
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cal-pose downsample`` flags (docs/architecture.md, CLI contract)."""
+    add = parser.add_argument
+    add("--coco", required=True, help="COCO root (local dir or s3://bucket/prefix): annotations/ + <split>2017/")
+    add("--split", required=True, choices=coco.SPLITS)
+    add("--out", required=True, help="output root; shards go to <out>/<HxW>/")
+    add("--input-size", action="append", required=True, dest="input_sizes",
+        help="network input HxW, e.g. 64x48 (repeat for several sizes; images are decoded once)")
+    add("--detections", default=None, help="COCO results JSON of person detections (val): the boxes to crop")
+    add("--det-score-thr", type=float, default=0.0, help="keep detections scoring at least this")
+    add("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows (person instances) per shard")
+    add("--workers", type=int, default=None, help="decoding processes (default: all CPU cores)")
+    add("--margin", type=float, default=DEFAULT_MARGIN,
+        help="crop = margin x the padded box, so augmentation has context (default 1.5)")
+    add("--strict", action="store_true", help="fail on the first malformed or unreadable record instead of skipping")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stage from parsed flags inside an MLflow stage run; prints one line per input size."""
+    from cal_core import tracking
+
+    params = {"coco": args.coco, "split": args.split, "out": args.out, "input_sizes": ",".join(args.input_sizes),
+              "detections": args.detections or "", "det_score_thr": args.det_score_thr,
+              "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
+    with tracking.stage_run("downsample", params=params) as tracker:
+        report = downsample(args.coco, args.split, args.out, args.input_sizes, args.detections,
+                            args.det_score_thr, args.shard_size, args.workers, args.margin, args.strict,
+                            progress=not args.no_progress)
+        for size, entry in report.items():
+            counts = entry["counts"]
+            skipped = sum(counts["skipped"].values())
+            state = "all already complete" if entry["already_complete"] else f"{entry['written']} written"
+            print(f"{size}: {entry['uri']}: {entry['shards']} shards ({state}), {counts['instances']} instances "
+                  f"from {counts['images']} images, {skipped} skipped {counts['skipped']}")
+            tracker.log_metrics({f"{size}/instances": counts["instances"], f"{size}/images": counts["images"],
+                                 f"{size}/skipped": skipped, f"{size}/shards_written": entry["written"]})
+    return 0
