@@ -7,7 +7,15 @@ import random
 import numpy as np
 import pytest
 
-from cal_core.data.augment import AugmentConfig, crop_box, half_body_box, sample_transform, warp_sample
+from cal_core.data.augment import (
+    AugmentConfig,
+    crop_box,
+    half_body_box,
+    sample_transform,
+    udp_affine,
+    warp_sample,
+)
+from cal_core.geometry import compose_affine, hflip_matrix, warp_matrix
 from cal_core.skeleton import NUM_KEYPOINTS
 
 NO_AUG = AugmentConfig(flip_prob=0.0, half_body_prob=0.0, scale_factor=0.0, rotation_prob=0.0)
@@ -148,3 +156,20 @@ def test_joints_leaving_the_input_lose_their_label() -> None:
     _, points, out_vis = warp_sample(np.zeros((96, 72, 3), np.uint8), kp, vis, matrix, False, (64, 48))
     assert out_vis[0] == 2 and (out_vis[1:] == 0).all()
     assert (points[1:] < 0).all()
+
+
+def test_fast_affine_equals_the_geometry_composition() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        center, size = rng.uniform(10, 100, 2), rng.uniform(20, 150, 2)
+        rotation, out_wh, width = (
+            float(rng.uniform(-90, 90)),
+            (int(rng.integers(8, 200)), int(rng.integers(8, 200))),
+            144,
+        )
+        np.testing.assert_allclose(
+            udp_affine(center, size, rotation, out_wh), warp_matrix(center, size, rotation, out_wh), atol=1e-9
+        )
+        mirrored = np.array([width - 1 - center[0], center[1]])
+        expected = compose_affine(warp_matrix(mirrored, size, rotation, out_wh), hflip_matrix(width))
+        np.testing.assert_allclose(udp_affine(center, size, rotation, out_wh, width), expected, atol=1e-9)

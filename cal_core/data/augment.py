@@ -29,13 +29,14 @@ the input lose their label (visibility 0), so no codec trains on them.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from cal_core.geometry import compose_affine, hflip_matrix, warp_matrix
+from cal_core.geometry import warp_matrix
 from cal_core.skeleton import FLIP_INDEX, LOWER_BODY, UPPER_BODY
 
 
@@ -50,6 +51,9 @@ class AugmentConfig:
     scale_factor: float = 0.35
     rotation_factor: float = 45.0
     rotation_prob: float = 0.6
+
+
+_FLIP = np.asarray(FLIP_INDEX)
 
 
 def crop_box(crop_wh: tuple[int, int], margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +92,34 @@ def half_body_box(
     return pts.mean(axis=0), np.array([w, h]) * enlarge
 
 
+def udp_affine(
+    center: tuple[float, float],
+    size_wh: tuple[float, float],
+    rotation_deg: float,
+    output_wh: tuple[int, int],
+    mirror_width: int | None = None,
+) -> np.ndarray:
+    """``geometry.warp_matrix`` after an optional UDP mirror of a ``mirror_width``-wide source, in plain floats.
+
+    Equal to ``compose_affine(warp_matrix(c', size, r, out), hflip_matrix(W))``
+    with ``c'`` the mirrored centre (or ``warp_matrix(c, size, r, out)`` without
+    a mirror), built from Python floats because it runs once per training
+    sample and a dozen small numpy calls would cost more than the warp itself.
+    """
+    cx, cy = float(center[0]), float(center[1])
+    if mirror_width is not None:
+        cx = mirror_width - 1.0 - cx
+    theta = math.radians(rotation_deg)
+    cos, sin = math.cos(theta), math.sin(theta)
+    sx, sy = (output_wh[0] - 1) / float(size_wh[0]), (output_wh[1] - 1) / float(size_wh[1])
+    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
+    c = (output_wh[0] - 1) / 2.0 - a * cx - b * cy
+    f = (output_wh[1] - 1) / 2.0 - d * cx - e * cy
+    if mirror_width is not None:  # (x, y) -> (W - 1 - x, y) first
+        c, f, a, d = c + a * (mirror_width - 1.0), f + d * (mirror_width - 1.0), -a, -d
+    return np.array([[a, b, c], [d, e, f]])
+
+
 def sample_transform(
     rng: random.Random | None,
     keypoints: np.ndarray,
@@ -110,21 +142,19 @@ def sample_transform(
     if config is None:
         return warp_matrix(center, size, 0.0, out_wh), False
     labelled = np.asarray(visibility) > 0
-    if labelled.sum() > config.half_body_min_joints and rng.random() < config.half_body_prob:
+    if rng.random() < config.half_body_prob and labelled.sum() > config.half_body_min_joints:
         upper_first = rng.gauss(0.0, 1.0) < 0.5
         box = half_body_box(keypoints, labelled, out_wh[0] / out_wh[1], config.half_body_enlarge, upper_first)
         if box is not None:
             center, size = box
     sf, rf = config.scale_factor, config.rotation_factor
-    size = size * min(max(rng.gauss(1.0, sf), 1.0 - sf), 1.0 + sf)
+    scale = min(max(rng.gauss(1.0, sf), 1.0 - sf), 1.0 + sf)
     rotation = (
         min(max(rng.gauss(0.0, rf), -2.0 * rf), 2.0 * rf) if rng.random() < config.rotation_prob else 0.0
     )
-    if rng.random() >= config.flip_prob:
-        return warp_matrix(center, size, rotation, out_wh), False
-    mirrored_center = np.array([crop_wh[0] - 1.0 - center[0], center[1]])
-    matrix = compose_affine(warp_matrix(mirrored_center, size, rotation, out_wh), hflip_matrix(crop_wh[0]))
-    return matrix, True
+    flip = rng.random() < config.flip_prob
+    size_wh = (float(size[0]) * scale, float(size[1]) * scale)
+    return udp_affine(center, size_wh, rotation, out_wh, crop_wh[0] if flip else None), flip
 
 
 def warp_sample(
@@ -146,11 +176,8 @@ def warp_sample(
         crop, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
     )
     points = np.asarray(keypoints, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
-    vis = np.asarray(visibility).astype(np.float32, copy=True)
+    vis = np.asarray(visibility, dtype=np.float32)
     if flipped:
-        points, vis = points[list(FLIP_INDEX)], vis[list(FLIP_INDEX)]
-    inside = (
-        (points[:, 0] >= 0) & (points[:, 0] <= width - 1) & (points[:, 1] >= 0) & (points[:, 1] <= height - 1)
-    )
-    vis[~inside] = 0.0
-    return image, points.astype(np.float32), vis
+        points, vis = points[_FLIP], vis[_FLIP]
+    inside = ((points >= 0.0) & (points <= (width - 1.0, height - 1.0))).all(axis=1)
+    return image, points.astype(np.float32), np.where(inside, vis, np.float32(0.0))
