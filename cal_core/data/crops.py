@@ -129,7 +129,12 @@ def render(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int]) -> np
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of an ``(H, W, 3)`` uint8 RGB array (deterministic for equal pixels)."""
+    """JPEG bytes of an ``(H, W, 3)`` uint8 RGB array (deterministic for equal pixels).
+
+    Chroma is kept at full resolution (4:4:4): the default 4:2:0 halves colour
+    resolution again on crops that are already tiny (measured on coco-mini at
+    64x48: +0.6 grey levels mean error for ~20% fewer bytes).
+    """
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=quality)
+    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()
