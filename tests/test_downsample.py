@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cal_core import storage
 from cal_core.data import coco, downsample, shards
+from tests.s3server import s3_server  # noqa: F401  (pytest fixture)
 
 SIZES = ["64x48", "256x192"]
 
@@ -320,3 +322,34 @@ def test_cli_runs_the_stage(coco_mini: Path, tmp_path: Path, monkeypatch: pytest
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("128x96:") and "all already complete" in line for line in lines)
     assert (tmp_path / "out" / "128x96" / "manifest.json").is_file()
+
+
+def test_s3_round_trip(coco_mini: Path, tmp_path: Path, s3_server) -> None:  # noqa: F811
+    root = _small_root(coco_mini, tmp_path, n_images=4)
+    bucket = f"s3://{s3_server.bucket}"
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        storage.upload(path, f"{bucket}/coco/{path.relative_to(root).as_posix()}")
+    local = tmp_path / "local"
+    downsample.downsample(str(root), "val", str(local), ["64x48"], shard_size=3, workers=1, progress=False)
+    # local COCO -> S3 shards, read back through the shard readers
+    report = downsample.downsample(str(root), "val", f"{bucket}/shards", ["64x48"], shard_size=3, workers=1,
+                                   progress=False)
+    remote = f"{bucket}/shards/64x48"
+    manifest = shards.read_manifest(remote)
+    assert manifest["shards"] == _manifest(local / "64x48")["shards"]
+    tables = [shards.read_shard(uri, entry) for uri, entry in zip(shards.shard_uris(remote), manifest["shards"],
+                                                                  strict=True)]
+    assert [row for t in tables for row in t.to_pylist()] == _rows(local / "64x48")
+    names = [uri.rsplit("/", 1)[-1] for uri in storage.list_prefix(remote)]
+    assert names == sorted(["annotations.json", "manifest.json", *(e["path"] for e in manifest["shards"])])
+    again = downsample.downsample(str(root), "val", f"{bucket}/shards", ["64x48"], shard_size=3, workers=1,
+                                  progress=False)
+    assert again["64x48"]["already_complete"] and again["64x48"]["written"] == 0
+    assert report["64x48"]["written"] == len(manifest["shards"])
+    # COCO read from S3 by worker processes -> the same shard bytes
+    from_s3 = tmp_path / "from_s3"
+    downsample.downsample(f"{bucket}/coco", "val", str(from_s3), ["64x48"], shard_size=3, workers=2,
+                          progress=False)
+    assert {k: v for k, v in _files(from_s3).items() if k != "64x48/manifest.json"} == \
+        {k: v for k, v in _files(local).items() if k != "64x48/manifest.json"}
+    assert _manifest(from_s3 / "64x48")["source"]["annotations"]["uri"].startswith(bucket)
