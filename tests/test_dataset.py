@@ -195,3 +195,22 @@ def test_bad_inputs_fail_with_the_file_named(shard_set: Path, tmp_path: Path) ->
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ShardFormatError, match="shard-00001.parquet: sha256"):
         ShardDataset(str(broken), build_codec("cal", INPUT), train=False)
+
+
+def test_reads_the_real_downsampling_stage_output(coco_root: Path, tmp_path: Path) -> None:
+    """End to end with ``cal_core.data.downsample``: every labelled joint maps back to its annotation."""
+    from cal_core.data.downsample import downsample
+
+    downsample(str(coco_root), "train", str(tmp_path), ["64x48"], workers=1, progress=False)
+    codec = build_codec("udp", INPUT)
+    dataset = ShardDataset(str(tmp_path / "64x48"), codec, train=False)
+    original = _original_keypoints(coco_root)
+    assert len(dataset) == sum(1 for kp in original.values() if (kp[:, 2] > 0).any())
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        truth, to_image = original[sample["meta"]["ann_id"]], sample["meta"]["input_to_image"].numpy()
+        image_px = (sample["joints_hm"].numpy() * codec.stride) @ to_image[:, :2].T + to_image[:, 2]
+        labelled = sample["weights"].numpy() > 0
+        np.testing.assert_allclose(image_px[labelled], truth[labelled, :2], atol=1e-2)
+    train = ShardDataset(str(tmp_path / "64x48"), codec, train=True)
+    assert train[0]["image"].shape == (3, *INPUT)
