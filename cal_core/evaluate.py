@@ -10,19 +10,22 @@ duplicates are removed by OKS-NMS.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import hashlib
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from cal_core.infer import instance_score
-from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS, OKS_SIGMAS
+from cal_core.skeleton import COCO_PERSON_CATEGORY, KEYPOINT_NAMES, NUM_KEYPOINTS, OKS_SIGMAS
 
 #: COCOeval.stats order for keypoints.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
@@ -190,3 +193,330 @@ def coco_results(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: 
             "score": float(scores[i]),
         } for i in idx)
     return results
+
+
+# ----------------------------------------------------------------------------- running a model over shards
+
+#: A predictor maps one collated batch of :class:`~cal_core.data.dataset.ShardDataset` samples to
+#: keypoints ``(B, K, 2)`` in input pixels and scores ``(B, K)`` (numpy).
+Predictor = Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]]
+#: How many val crops get a skeleton overlay (the first ones of the shard set: a fixed set).
+OVERLAYS = 16
+
+
+@dataclass
+class ModelInfo:
+    """What the shards must agree with, and what the report says about the model."""
+
+    method: str
+    input_size: tuple[int, int]
+    num_joints: int
+    backbone: str
+    source: str
+
+
+@dataclass
+class Collected:
+    """Per-instance predictions over a shard set, plus what the report and the digest need."""
+
+    image_ids: np.ndarray  # (N,) int64
+    ann_ids: np.ndarray  # (N,) int64, -1 for detector boxes
+    keypoints: np.ndarray  # (N, K, 2) image px
+    scores: np.ndarray  # (N, K)
+    box_scores: np.ndarray  # (N,)
+    areas: np.ndarray  # (N,)
+    bboxes: np.ndarray  # (N, 4)
+    overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # (crop, kpts, scores, gt) input px
+
+
+def torch_predictor(model: nn.Module, codec: Any, flip: bool, device: Any = None) -> Predictor:
+    """A predictor running ``model`` through :func:`cal_core.infer.predict` (flip test optional)."""
+    from cal_core.infer import predict
+
+    if device is not None:
+        model = model.to(device)
+
+    def run(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        kpts, scores = predict(model, batch["image"], codec, flip=flip, batch_size=len(batch["image"]))
+        return kpts.numpy(), scores.numpy()
+
+    return run
+
+
+def onnx_predictor(path: str | Path, flip: bool) -> tuple[Predictor, ModelInfo, Any]:
+    """A predictor for an exported graph (``cal-pose export``), its description and codec.
+
+    ``keypoints`` graphs decode (and flip) inside; their baked-in flip setting
+    must equal ``flip``. ``raw`` graphs return network outputs, which are
+    flip-averaged and decoded here with the codec recorded in the metadata.
+    """
+    import torch
+
+    from cal_core.codecs import build_codec, parse_size
+    from cal_core.export import ort_session, read_metadata
+    from cal_core.infer import flip_back
+
+    meta = read_metadata(path)
+    missing = [k for k in ("graph", "method", "input_size", "codec", "keypoint_names") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks cal-pose metadata {missing}: export it with `cal-pose export`")
+    settings = {k: v for k, v in json.loads(meta["codec"]).items() if k not in {"name", "input_size"}}
+    codec = build_codec(meta["method"], parse_size(meta["input_size"]), **settings)
+    info = ModelInfo(meta["method"], codec.input_size, len(json.loads(meta["keypoint_names"])),
+                     meta.get("backbone", ""), f"onnx:{meta['graph']}")
+    session = ort_session(path)
+    if meta["graph"] == "keypoints":
+        baked = meta.get("flip_test") == "true"
+        if baked != flip:
+            raise ValueError(f"{path} was exported {'with' if baked else 'without'} the flip test but evaluation "
+                             f"asks {'for' if flip else 'for no'} flip test: use {'--no-flip' if not baked else 'the default'}"
+                             " or the raw.onnx graph")
+
+        def run_keypoints(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+            out = session.run(None, {"x": batch["image"].numpy()})[0]
+            return out[..., :2], out[..., 2]
+
+        return run_keypoints, info, codec
+
+    def outputs(x: np.ndarray) -> dict[str, Any]:
+        return {name.name: torch.from_numpy(v) for name, v in zip(session.get_outputs(), session.run(None, {"x": x}),
+                                                                   strict=True)}
+
+    def run_raw(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        x = batch["image"]
+        out = outputs(x.numpy())
+        if flip:
+            mirrored = flip_back(outputs(x.flip(-1).numpy()))
+            out = {k: (out[k] + mirrored[k]) * 0.5 for k in out}
+        kpts, scores = codec.decode(out["heatmap"], out.get("offset") if codec.has_offsets else None)
+        return kpts.numpy(), scores.numpy()
+
+    return run_raw, info, codec
+
+
+def load_predictor(model_uri: str, flip: bool, device: Any = None) -> tuple[Predictor, ModelInfo, Any]:
+    """Predictor, description and codec for ``model_uri``: an ``.onnx`` graph or a ``.pt`` checkpoint."""
+    import tempfile
+
+    from cal_core.export import codec_for
+    from cal_core.models import load_checkpoint, model_from_checkpoint
+    from cal_core.uris import fetch_local
+
+    if str(model_uri).endswith(".onnx"):
+        with tempfile.TemporaryDirectory() as staging:  # onnxruntime reads the file when the session opens
+            return onnx_predictor(fetch_local(model_uri, Path(staging) / "model.onnx"), flip)
+    ckpt = load_checkpoint(model_uri)
+    config = dict(ckpt["config"])
+    codec = codec_for(config)
+    model = model_from_checkpoint(ckpt)
+    info = ModelInfo(str(config["method"]), codec.input_size, int(config.get("num_joints", NUM_KEYPOINTS)),
+                     str(config.get("backbone", "")), "torch")
+    return torch_predictor(model, codec, flip, device), info, codec
+
+
+def check_compatible(info: ModelInfo, manifest: dict[str, Any], shards_uri: str, size: int) -> None:
+    """Refuse a model whose input size or keypoint count differs from the shards, or an empty set."""
+    from cal_core.codecs import parse_size
+
+    shard_size = parse_size(manifest["input_size"])
+    if tuple(info.input_size) != shard_size:
+        raise ValueError(f"model input size {info.input_size[0]}x{info.input_size[1]} does not match the shard set "
+                         f"{shards_uri} ({shard_size[0]}x{shard_size[1]})")
+    if info.num_joints != NUM_KEYPOINTS:
+        raise ValueError(f"model predicts {info.num_joints} keypoints, the shard set {shards_uri} holds "
+                         f"{NUM_KEYPOINTS} (COCO)")
+    if size == 0:
+        raise ValueError(f"shard set {shards_uri} has no person instances to evaluate")
+
+
+def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, codec: Any,
+                   room: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Up to ``room`` (crop uint8 HWC, keypoints, scores, GT (K, 3)) tuples, all in input px."""
+    from cal_core.models import MEAN, STD
+
+    items = []
+    for i in range(min(room, len(kpts))):
+        image = batch["image"][i].numpy().transpose(1, 2, 0) * np.asarray(STD) + np.asarray(MEAN)
+        crop = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        gt_xy = batch["joints_hm"][i].numpy() * np.asarray(codec.stride)
+        gt = np.concatenate([gt_xy, batch["weights"][i].numpy()[:, None]], axis=1)
+        items.append((crop, kpts[i], scores[i], gt))
+    return items
+
+
+def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64, workers: int = 0,
+            overlays: int = 0) -> Collected:
+    """Run ``predictor`` over an eval-mode ShardDataset; keypoints back in image pixels."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from cal_core.infer import to_image_coords
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
+                                                           "box_scores", "areas", "bboxes")}
+    shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+        kpts, scores = predictor(batch)
+        meta = batch["meta"]
+        shown += _overlay_items(batch, kpts, scores, codec, overlays - len(shown))
+        parts["keypoints"].append(to_image_coords(kpts, meta["input_to_image"].numpy()))
+        parts["scores"].append(np.asarray(scores, np.float64))
+        for key, name in (("image_ids", "image_id"), ("ann_ids", "ann_id"), ("box_scores", "score"),
+                          ("areas", "area"), ("bboxes", "bbox")):
+            parts[key].append(np.asarray(meta[name]))
+    return Collected(**{k: np.concatenate(v) for k, v in parts.items()}, overlays=shown)
+
+
+def val_digest(gt_bytes: bytes, collected: Collected) -> str:
+    """sha256 naming the validation set: the GT file plus every evaluated box (ids, box, score).
+
+    Two evaluations with equal digests scored the same people from the same
+    boxes, so their APs are comparable (used by ``cal-pose register``).
+    """
+    h = hashlib.sha256(gt_bytes)
+    order = np.lexsort((collected.ann_ids, collected.image_ids))
+    for i in order:
+        box = ",".join(f"{v:.2f}" for v in collected.bboxes[i])
+        h.update(f"{collected.image_ids[i]}|{collected.ann_ids[i]}|{box}|{collected.box_scores[i]:.4f};".encode())
+    return h.hexdigest()
+
+
+def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = True, device: Any = None,
+                   batch_size: int = 64) -> dict[str, float]:
+    """COCO keypoint AP/AR of an in-memory torch model on a shard set (train.py's validation)."""
+    from cal_core.data.dataset import ShardDataset
+    from cal_core.storage import join, read_bytes
+
+    dataset = ShardDataset(shards_uri, codec, train=False)
+    info = ModelInfo("", codec.input_size, int(getattr(model, "arch", {}).get("num_joints", NUM_KEYPOINTS)), "",
+                     "torch")
+    check_compatible(info, dataset.manifest, shards_uri, len(dataset))
+    got = collect(torch_predictor(model, codec, flip, device), dataset, codec, batch_size)
+    nms = OKS_NMS_THR if (got.ann_ids < 0).any() else None
+    results = coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas, nms)
+    gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
+    return coco_keypoint_ap(gt, results)
+
+
+def check_detections(detections: list[dict[str, Any]], gt: Mapping[str, Any], manifest: Mapping[str, Any],
+                     collected: Collected, uri: str) -> None:
+    """Refuse a detections file for other images, or shards that were not cut from detections."""
+    known = {int(img["id"]) for img in gt["images"]}
+    known |= {int(s["image_id"]) for s in manifest.get("skipped", []) if "image_id" in s}
+    det_ids = {int(d["image_id"]) for d in detections}
+    foreign = sorted(det_ids - known)
+    if foreign:
+        raise ValueError(f"detections {uri}: {len(foreign)} of {len(det_ids)} images are not in the val set "
+                         f"({len(gt['images'])} images), e.g. {foreign[:5]}")
+    if (collected.ann_ids >= 0).any():
+        raise ValueError(f"--detections {uri} given, but the shard set holds ground-truth boxes "
+                         f"(ann_id >= 0): cut it with `cal-pose downsample --detections`")
+    unknown = sorted(set(collected.image_ids.tolist()) - det_ids)
+    if unknown:
+        raise ValueError(f"the shard set has boxes for {len(unknown)} images absent from detections {uri}, "
+                         f"e.g. {unknown[:5]}: it was cut from another detections file")
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    """Atomic write of a small file (temporary sibling + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    tmp.replace(path)
+
+
+def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]], details: MatchDetails,
+                  collected: Collected) -> None:
+    """metrics.json, results.json, report.md, oks_histogram.png and overlays/*.png into ``out``."""
+    import matplotlib.pyplot as plt
+
+    from cal_core import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "results.json", json.dumps(results))
+    _write(out / "metrics.json", json.dumps(doc, indent=2))
+    fig = report.oks_histogram_figure(details.best_oks)
+    fig.savefig(out / "oks_histogram.png")
+    plt.close(fig)
+    row = {"method": doc["method"], "backbone": doc["backbone"], "input_size": doc["input_size"], **doc["metrics"]}
+    notes = [f"model: {doc['model']} ({doc['source']}), flip test: {doc['flip']}",
+             f"{doc['counts']['instances']} boxes on {doc['counts']['images']} images; "
+             f"{doc['counts']['results']} results" + (" after OKS-NMS" if doc["oks_nms"] else ""),
+             f"val set digest: {doc['val_digest']}"]
+    text = report.markdown_report(f"Evaluation: {doc['method']} {doc['input_size']}", [row], doc["metrics"],
+                                  details.keypoint_error_px, details.keypoint_count, details.best_oks, notes)
+    _write(out / "report.md", text)
+    (out / "overlays").mkdir(exist_ok=True)
+    for i, (crop, kpts, scores, gt) in enumerate(collected.overlays):
+        report.draw_overlay(crop, kpts, scores, gt).save(out / "overlays" / f"{i:03d}.png")
+
+
+def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, detections_uri: str | None = None,
+             batch_size: int = 64, workers: int = 0, tracker: Any = None) -> dict[str, Any]:
+    """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
+    from cal_core.data.dataset import ShardDataset
+    from cal_core.storage import join, read_bytes
+
+    predictor, info, codec = load_predictor(model_uri, flip)
+    dataset = ShardDataset(shards_uri, codec, train=False)
+    check_compatible(info, dataset.manifest, shards_uri, len(dataset))
+    gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
+    gt = json.loads(gt_bytes)
+    got = collect(predictor, dataset, codec, batch_size, workers, overlays=OVERLAYS)
+    if detections_uri:
+        check_detections(json.loads(read_bytes(detections_uri)), gt, dataset.manifest, got, detections_uri)
+    nms = OKS_NMS_THR if (detections_uri or (got.ann_ids < 0).any()) else None
+    results = coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas, nms)
+    evaluator = run_cocoeval(gt, results)
+    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+    details = match_details(evaluator)
+    doc = {
+        "metrics": metrics, "val_digest": val_digest(gt_bytes, got),
+        "method": info.method, "backbone": info.backbone,
+        "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
+        "source": info.source, "shards": str(shards_uri), "flip": flip, "oks_nms": nms,
+        "counts": {"instances": len(got.image_ids), "images": len(set(got.image_ids.tolist())),
+                   "results": len(results), "gt_people": len(details.best_oks)},
+        "keypoint_error_px": {name: (None if n == 0 else float(e)) for name, e, n in
+                              zip(KEYPOINT_NAMES, details.keypoint_error_px, details.keypoint_count, strict=True)},
+    }
+    write_outputs(out, doc, results, details, got)
+    if tracker is not None:
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out)
+    return doc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI flags of `cal-pose evaluate`."""
+    parser.add_argument("--model", required=True, help="model URI: .onnx (raw or keypoints graph) or .pt checkpoint")
+    parser.add_argument("--shards", required=True, help="val shard set URI (manifest.json + annotations.json)")
+    parser.add_argument("--out", required=True, help="output folder URI: metrics.json, report.md, overlays/")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flip test")
+    parser.add_argument("--detections", default=None, help="COCO detections the shards were cut from (OKS-NMS)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, publish to ``--out``, log to MLflow and print the Table-8 row."""
+    import tempfile
+
+    from cal_core import tracking
+    from cal_core.report import metrics_table
+    from cal_core.uris import output_dir, publish
+
+    params = {"model": args.model, "shards": args.shards, "flip": args.flip, "detections": args.detections,
+              "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
+        out = output_dir(args.out, Path(tmp) / "out")
+        doc = evaluate(args.model, args.shards, out, args.flip, args.detections, args.batch_size, args.workers,
+                       tracker)
+        tracker.set_tags({"val_digest": doc["val_digest"], "method": doc["method"], "input_size": doc["input_size"]})
+        publish(out, args.out)
+    print(metrics_table([{"method": doc["method"], "backbone": doc["backbone"], "input_size": doc["input_size"],
+                          **doc["metrics"]}]))
+    return 0

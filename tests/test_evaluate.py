@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from cal_core import evaluate
+from cal_core.codecs import build_codec
 from cal_core.skeleton import NUM_KEYPOINTS, OKS_SIGMAS
 
 
@@ -138,3 +140,121 @@ def test_coco_results_with_nms_per_image() -> None:
     kept = np.asarray(results[0]["keypoints"]).reshape(-1, 3)
     np.testing.assert_allclose(kept[:, :2], base, atol=1e-3)
     assert len(evaluate.coco_results(image_ids, kpts, kp_scores, np.ones(3), np.full(3, 1500.0))) == 3
+
+
+# ----------------------------------------------------------------------------- model runs over real shards
+
+
+@pytest.fixture(scope="module")
+def val_shards(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """coco-mini val cut to 64x48 shards by `cal-pose downsample` (GT boxes)."""
+    from cal_core.cli import main
+
+    out = tmp_path_factory.mktemp("val")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAL_POSE_TRACKING", "off")
+        mp.chdir(out)
+        assert main(["downsample", "--coco", str(coco_mini), "--split", "val", "--out", str(out),
+                     "--input-size", "64x48"]) == 0
+    return out / "64x48"
+
+
+def _oracle(codec, shift: float = 0.0) -> evaluate.Predictor:
+    """A predictor that decodes the batch's own targets (GT through the codec), moved by ``shift`` px."""
+
+    def run(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        targets = batch["targets"]
+        kpts, scores = codec.decode(targets["heatmap"], targets.get("offset"))
+        return kpts.numpy() + shift, scores.numpy()
+
+    return run
+
+
+def test_oracle_predictions_score_about_100(val_shards: Path) -> None:
+    from cal_core.data.dataset import ShardDataset
+
+    codec = build_codec("udp", (64, 48))
+    got = evaluate.collect(_oracle(codec), ShardDataset(str(val_shards), codec, train=False), codec)
+    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas)
+    metrics = evaluate.coco_keypoint_ap(val_shards / "annotations.json", results)
+    # Not exactly 1: a few labelled joints lie outside the padded box (the input), where no target exists.
+    assert metrics["AP"] >= 0.95, metrics
+    assert metrics["AP50"] == pytest.approx(1.0), metrics
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A randomly initialised tiny udp model saved as a cal-pose checkpoint."""
+    import torch
+
+    from cal_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", "offset", input_size=(64, 48))
+    config = {"method": "udp", "backbone": "tiny", "head": "offset", "input_size": [64, 48], "num_joints": 17,
+              "codec": build_codec("udp", (64, 48)).config()}
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    return path
+
+
+def _args(model: Path, shards: Path, out: Path, **extra) -> argparse.Namespace:
+    base = {"model": str(model), "shards": str(shards), "out": str(out), "flip": True, "detections": None,
+            "batch_size": 32, "workers": 0, "experiment": None, "run_name": None}
+    return argparse.Namespace(**{**base, **extra})
+
+
+def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, tiny_checkpoint: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval"
+    assert evaluate.run(_args(tiny_checkpoint, val_shards, out)) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    direct = _direct_pycocotools(val_shards / "annotations.json", out / "results.json")
+    assert [doc["metrics"][n] for n in evaluate.METRIC_NAMES] == direct.tolist()
+    assert doc["input_size"] == "64x48" and doc["method"] == "udp" and len(doc["val_digest"]) == 64
+    assert doc["counts"]["instances"] == len(json.loads((out / "results.json").read_text()))
+    report = (out / "report.md").read_text()
+    assert "| Method | Backbone | Input size | AP |" in report and "left_ankle" in report
+    assert (out / "oks_histogram.png").is_file()
+    assert len(list((out / "overlays").glob("*.png"))) == evaluate.OVERLAYS
+
+
+def test_shifted_oracle_through_collect_matches_direct_pycocotools(val_shards: Path, tmp_path: Path) -> None:
+    from cal_core.data.dataset import ShardDataset
+
+    codec = build_codec("cal", (64, 48))
+    got = evaluate.collect(_oracle(codec, shift=1.5), ShardDataset(str(val_shards), codec, train=False), codec)
+    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    metrics = evaluate.coco_keypoint_ap(val_shards / "annotations.json", results)
+    direct = _direct_pycocotools(val_shards / "annotations.json", tmp_path / "results.json")
+    assert [metrics[n] for n in evaluate.METRIC_NAMES] == direct.tolist()
+    assert metrics["AP"] < 0.95  # 1.5 input px at 64x48 is several image px: OKS drops
+
+
+def test_model_that_does_not_fit_the_shards_is_refused(val_shards: Path) -> None:
+    manifest = json.loads((val_shards / "manifest.json").read_text())
+    info = evaluate.ModelInfo("udp", (128, 96), 17, "tiny", "torch")
+    with pytest.raises(ValueError, match=r"128x96 does not match .* \(64x48\)"):
+        evaluate.check_compatible(info, manifest, str(val_shards), 10)
+    with pytest.raises(ValueError, match="predicts 16 keypoints"):
+        evaluate.check_compatible(evaluate.ModelInfo("udp", (64, 48), 16, "", ""), manifest, "s", 10)
+    with pytest.raises(ValueError, match="no person instances"):
+        evaluate.check_compatible(evaluate.ModelInfo("udp", (64, 48), 17, "", ""), manifest, "s", 0)
+
+
+def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
+    gt = json.loads((val_shards / "annotations.json").read_text())
+    manifest = json.loads((val_shards / "manifest.json").read_text())
+    image_id = gt["images"][0]["id"]
+    collected = evaluate.Collected(np.array([image_id]), np.array([-1]), np.zeros((1, 17, 2)), np.ones((1, 17)),
+                                   np.ones(1), np.ones(1), np.ones((1, 4)), [])
+    det = {"image_id": image_id, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}
+    evaluate.check_detections([det], gt, manifest, collected, "dets.json")
+    with pytest.raises(ValueError, match="not in the val set .*424242"):
+        evaluate.check_detections([det, {**det, "image_id": 424242}], gt, manifest, collected, "dets.json")
+    gt_boxes = evaluate.Collected(**{**collected.__dict__, "ann_ids": np.array([7])})
+    with pytest.raises(ValueError, match="ground-truth boxes"):
+        evaluate.check_detections([det], gt, manifest, gt_boxes, "dets.json")
