@@ -26,6 +26,7 @@ from cal_core.data.dataset import ShardDataset, ShardFormatError
 from cal_core.distributed import EpochBatchSampler
 from cal_core.geometry import box_to_center_size, invert_affine, warp_matrix
 from cal_core.models import MEAN, STD
+from tests.s3server import s3_server  # noqa: F401  (pytest fixture)
 
 INPUT = (64, 48)
 MARGIN = 1.5
@@ -214,3 +215,17 @@ def test_reads_the_real_downsampling_stage_output(coco_root: Path, tmp_path: Pat
         np.testing.assert_allclose(image_px[labelled], truth[labelled, :2], atol=1e-2)
     train = ShardDataset(str(tmp_path / "64x48"), codec, train=True)
     assert train[0]["image"].shape == (3, *INPUT)
+
+
+def test_reads_shards_from_s3_like_local(shard_set: Path, s3_server) -> None:  # noqa: F811
+    from cal_core import storage
+
+    remote = f"s3://{s3_server.bucket}/shards/64x48"
+    for path in shard_set.iterdir():
+        storage.upload(path, f"{remote}/{path.name}")
+    codec = build_codec("cal", INPUT)
+    local, s3 = ShardDataset(str(shard_set), codec, train=False), ShardDataset(remote, codec, train=False)
+    assert len(s3) == len(local)
+    for i in (0, len(local) - 1):
+        assert torch.equal(s3[i]["image"], local[i]["image"])
+        assert s3[i]["meta"]["ann_id"] == local[i]["meta"]["ann_id"]
