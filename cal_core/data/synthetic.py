@@ -54,6 +54,8 @@ JPEG_QUALITY = 92
 #: Fixed-point bits for sub-pixel rasterisation (OpenCV ``shift``).
 _SHIFT = 4
 _NOISE_TILE = 768
+#: Resolution divisor of the smooth background layers.
+_COARSE = 4
 
 # Keypoint indices (see cal_core.skeleton.KEYPOINT_NAMES).
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR = 0, 1, 2, 3, 4
@@ -348,28 +350,32 @@ def figure_shapes(fig: Figure, rng: np.random.Generator, height: float, person: 
 
 
 def noise_tiles(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fine and coarse unit-variance noise textures (float32) that scenes crop from, fixed by ``seed``."""
+    """Fine (full resolution) and coarse (quarter resolution) unit-variance noise textures, fixed by ``seed``."""
     rng = np.random.default_rng([seed, 7])
     tiles = []
-    for sigma in (0.8, 5.0):
-        tile = cv2.GaussianBlur(
-            rng.standard_normal((_NOISE_TILE, _NOISE_TILE)).astype(np.float32), (0, 0), sigma
-        )
+    for side, sigma in ((_NOISE_TILE, 0.8), (_NOISE_TILE // _COARSE, 5.0 / _COARSE)):
+        tile = cv2.GaussianBlur(rng.standard_normal((side, side)).astype(np.float32), (0, 0), sigma)
         tiles.append(tile / tile.std())
     return tiles[0], tiles[1]
 
 
 def _crop_tile(rng: np.random.Generator, tile: np.ndarray, width: int, height: int) -> np.ndarray:
     """A random ``height x width`` window of a noise tile."""
-    y, x = rng.integers(0, _NOISE_TILE - height + 1), rng.integers(0, _NOISE_TILE - width + 1)
+    y, x = rng.integers(0, tile.shape[0] - height + 1), rng.integers(0, tile.shape[1] - width + 1)
     return tile[y : y + height, x : x + width]
 
 
 def _background(rng: np.random.Generator, width: int, height: int, coarse: np.ndarray) -> np.ndarray:
-    """Float32 RGB background: a random gradient, blotchy noise and 4-14 clutter shapes."""
+    """Float32 RGB background: a random gradient, blotchy noise and 4-14 clutter shapes.
+
+    Gradient and blotches are smooth, so they are made at quarter resolution and
+    upsampled once (one full-size pass instead of three).
+    """
+    small_wh = (width // _COARSE + 2, height // _COARSE + 2)
     corners = rng.uniform(0, 255, (2, 2, 3)).astype(np.float32)
-    bg = cv2.resize(corners, (width, height), interpolation=cv2.INTER_LINEAR)
-    bg += rng.uniform(5, 30) * _crop_tile(rng, coarse, width, height)[..., None]
+    small = cv2.resize(corners, small_wh, interpolation=cv2.INTER_LINEAR)
+    small += rng.uniform(5, 30) * _crop_tile(rng, coarse, *small_wh)[..., None]
+    bg = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
     scale = min(width, height)
     for _ in range(rng.integers(4, 15)):
         colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
