@@ -155,3 +155,22 @@ def test_default_heads_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="multiples of 4"):
         build_model("tiny", "heatmap", input_size=(66, 48))
     assert set(BACKBONES) == {"tiny", "hrnet_w18_small", "hrnet_w32", "hrnet_w48", "resnet50"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["hrnet_w18_small", "resnet50"])
+def test_onnx_export_at_64x48_matches_torch(tmp_path, backbone: str) -> None:
+    """The size-aware fuse (HRNet) and the deconv crops (ResNet) export with a dynamic batch."""
+    ort = pytest.importorskip("onnxruntime")
+    model = build_model(backbone, "dual", input_size=(64, 48)).eval()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 48),), str(path), dynamo=True, external_data=False,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 64, 48)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    for value, reference in zip(got, expected.values(), strict=True):
+        assert value.shape == tuple(reference.shape)
+        assert abs(value - reference.numpy()).max() <= 1e-4 * max(1.0, float(reference.abs().max()))
