@@ -286,7 +286,7 @@ def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], s: Session
     last = checkpoint.latest(s.config.out)
     raise NonFiniteLossError(
         f"non-finite loss at epoch {s.epoch + 1}, step {s.step + 1} (batch {s.epoch_step + 1} of the epoch): "
-        f"loss={float(loss):.4g} ({detail}); stopped without updating the weights. "
+        f"loss={float(loss.detach()):.4g} ({detail}); stopped without updating the weights. "
         f"Last good checkpoint: {last or 'none yet'}")
 
 

@@ -1,0 +1,212 @@
+"""Training loop: every method learns, stage 2 starts from stage 1, exact resume, guards, tracking outages."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cal_core import checkpoint
+from cal_core.config import TrainConfig
+from cal_core.distributed import DistContext
+from cal_core.models import build_model
+from cal_core.stage2 import offset_only_parameters
+from cal_core.train import NonFiniteLossError, build_session, train, train_step
+from tests.train_fixtures import build_tiny_shards
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """~40 synthetic people at 64x48, train and val shards (built once per session)."""
+    return build_tiny_shards(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No MLflow server (the tracker records to the run folder's offline file); one torch thread,
+    so a busy shared CPU does not make multi-threaded kernels spin."""
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(shards: dict[str, str], out: Path, **kw) -> TrainConfig:
+    base = {"shards": shards["train"], "out": str(out), "method": "cal", "epochs": 1, "batch_size": 8,
+            "workers": 0, "val_every": 0, "progress": False, "seed": 0, "lr_steps": ()}
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def stage1(tiny_shards: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A 1-epoch CAL stage-1 model and its gmm.json (fit-gmm, 1 component)."""
+    from cal_core.fit_gmm import fit_gmm
+
+    root = tmp_path_factory.mktemp("stage1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAL_POSE_TRACKING", "off")
+        s1 = train(_config(tiny_shards, root / "s1"))
+        fit_gmm(s1, tiny_shards["train"], str(root / "gmm"), components=1)
+    torch.set_num_threads(threads)
+    return s1, str(root / "gmm" / "gmm.json")
+
+
+@pytest.mark.parametrize(("method", "stage"), [("heatmap", 1), ("dark", 1), ("udp", 1), ("cal", 1), ("cal", 2)])
+def test_loss_decreases_on_a_fixed_batch(method: str, stage: int, tiny_shards, stage1, tmp_path: Path) -> None:
+    extra = {}
+    if stage == 2:
+        s1, gmm = stage1
+        extra = {"init": s1, "gmm": gmm, "lr": 1e-3}
+    torch.manual_seed(0)
+    session = build_session(_config(tiny_shards, tmp_path / "run", method=method, stage=stage, **extra), CPU)
+    batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
+    session.model.train()
+    losses = [float(train_step(session, batch)[0]) for _ in range(15)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tmp_path: Path) -> None:
+    s1, gmm = stage1
+    first = checkpoint.load(s1)
+    session = build_session(_config(tiny_shards, tmp_path / "s2", stage=2, init=s1, gmm=gmm), CPU)
+    for name, tensor in session.model.state_dict().items():
+        assert torch.equal(tensor, first["model"][name]), name
+    s2 = checkpoint.load(train(_config(tiny_shards, tmp_path / "s2", stage=2, init=s1, gmm=gmm,
+                                       mgm_update="batch", epochs=1)))
+    assert s2["config"]["stage"] == 2 and s2["config"]["train"]["init"] == s1
+    assert s2["mgm"]["n_components"] == 1
+    assert any(not torch.equal(s2["model"][k], first["model"][k]) for k in first["model"])
+
+
+def test_stage2_offset_mode_keeps_the_heatmap_path_fixed(tiny_shards, stage1, tmp_path: Path) -> None:
+    s1, gmm = stage1
+    s2 = checkpoint.load(train(_config(tiny_shards, tmp_path / "s2", stage=2, init=s1, gmm=gmm,
+                                       stage2_train="offset")))
+    first = checkpoint.load(s1)["model"]
+    changed = {k for k in first if not torch.equal(s2["model"][k], first[k])}
+    model = build_model("tiny", "dual", input_size=(64, 48))
+    offset_modules = {name.rsplit(".", 1)[0] for name in offset_only_parameters(model, (64, 48))}
+    assert changed and offset_modules
+    assert {k.rsplit(".", 1)[0] for k in changed} <= offset_modules, sorted(changed)
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
+    """Make the run die (as if killed) when it reaches global step ``stop_step``."""
+    import cal_core.train as train_module
+
+    real = train_module.train_step
+
+    def dying(session, batch):
+        if session.step + 1 == stop_step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(session, batch)
+
+    monkeypatch.setattr(train_module, "train_step", dying)
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+def test_killed_and_resumed_equals_uninterrupted(checkpoint_every: int, tiny_shards, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = {"epochs": 2, "deterministic": True, "checkpoint_every": checkpoint_every, "lr_steps": (1,)}
+    reference = checkpoint.load(train(_config(tiny_shards, tmp_path / "ref", **settings)))
+    per_epoch = reference["step"] // 2
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, per_epoch + 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(tiny_shards, tmp_path / "cut", **settings))
+    stopped = checkpoint.load(str(tmp_path / "cut" / checkpoint.LAST))
+    assert stopped["epoch"] == 1
+    if checkpoint_every:  # the last step checkpoint lies inside epoch 2: resume mid-epoch
+        assert 0 < stopped["epoch_step"] == stopped["step"] - per_epoch
+    else:
+        assert stopped["epoch_step"] == 0 and stopped["step"] == per_epoch
+    resumed = checkpoint.load(train(_config(tiny_shards, tmp_path / "cut", resume=True, **settings)))
+    assert resumed["step"] == reference["step"]
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_shards, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import cal_core.train as train_module
+
+    real = train_module.build_session
+
+    def poisoned(config, ctx):
+        session = real(config, ctx)
+        loss_fn = session.loss_fn
+
+        def loss(outputs, targets, weights, mgm=None):
+            total, terms = loss_fn(outputs, targets, weights, mgm)
+            return (total * float("nan"), terms) if session.step == 3 else (total, terms)
+
+        session.loss_fn = loss
+        return session
+
+    monkeypatch.setattr(train_module, "build_session", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 4") as info:
+        train(_config(tiny_shards, tmp_path, checkpoint_every=2))
+    assert str(tmp_path / checkpoint.LAST) in str(info.value)
+    assert checkpoint.load(str(tmp_path / checkpoint.LAST))["step"] == 2
+
+
+def test_validation_logs_coco_ap_every_epoch(tiny_shards, tmp_path: Path) -> None:
+    train(_config(tiny_shards, tmp_path, method="heatmap", val_shards=tiny_shards["val"], val_every=1, epochs=2))
+    events = [json.loads(line) for line in (tmp_path / "mlflow-offline.jsonl").read_text().splitlines()]
+    logged = [e["data"]["values"] for e in events if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
+    assert len(logged) == 2
+    assert all(0.0 <= m["val_AP"] <= 1.0 and m["samples_seen"] == 40 for m in logged)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_mlflow_does_not_stop_training(tiny_shards, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAL_POSE_TRACKING")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    model = train(_config(tiny_shards, tmp_path, method="udp", max_steps=2))
+    assert Path(model).is_file()
+    offline = (tmp_path / "mlflow-offline.jsonl").read_text()
+    assert '"kind": "params"' in offline and "train_manifest_sha256" in offline
+
+
+def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    before = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.save(str(tmp_path / "c.pt"), {"rng": state, "model": torch.nn.Linear(2, 2).state_dict()})
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    checkpoint.set_rng_state(raw["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == before
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+        checkpoint.load(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load(str(tmp_path / "missing.pt"))
+
+
+def test_bad_settings_are_rejected(tmp_path: Path) -> None:
+    shards = {"train": str(tmp_path)}
+    with pytest.raises(ValueError, match="needs --init"):
+        _config(shards, tmp_path, stage=2)
+    with pytest.raises(ValueError, match="only for method 'cal'"):
+        _config(shards, tmp_path, method="udp", stage=2, init="x", gmm="y")
+    with pytest.raises(ValueError, match="lr_steps must increase"):
+        _config(shards, tmp_path, lr_steps=(5, 2))
