@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import timm
 import torch
 
+from cal_core import storage
 from cal_core.models import (
     BACKBONES,
     HEADS,
@@ -15,6 +18,7 @@ from cal_core.models import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from tests.s3server import s3_server  # noqa: F401  (pytest fixture)
 
 SIZES = [(64, 48), (128, 96), (256, 192)]
 
@@ -134,6 +138,21 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x)["offset"], model(x)["offset"])
+
+
+def test_checkpoint_and_weights_from_s3(s3_server, tmp_path) -> None:  # noqa: F811
+    model = build_model("tiny", "dual", input_size=(64, 48)).eval()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": {"method": "cal", "backbone": "tiny",
+                                                         "input_size": [64, 48]}}, buffer)
+    uri = f"s3://{s3_server.bucket}/runs/model.pt"
+    storage.write_bytes(uri, buffer.getvalue())
+    rebuilt = model_from_checkpoint(load_checkpoint(uri)).eval()
+    from_weights = build_model("tiny", "dual", input_size=(64, 48), weights=uri).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x)["offset"], model(x)["offset"])
+        torch.testing.assert_close(from_weights(x)["heatmap"], model(x)["heatmap"])
 
 
 def test_not_a_checkpoint_is_refused(tmp_path) -> None:
