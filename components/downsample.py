@@ -20,7 +20,7 @@ def downsample(coco_uri: str, split: str, input_size: str, detections_uri: str, 
     from components.runtime import run_stage
 
     argv = ["downsample", "--coco", coco_uri, "--split", split, "--out", shards.path,
-            "--input-size", input_size, "--workers", str(workers)]
+            "--input-size", input_size, "--workers", str(workers), "--no-progress"]
     if detections_uri:
         argv += ["--detections", detections_uri, "--det-score-thr", str(det_score_thr)]
     run_stage(argv, experiment, "")

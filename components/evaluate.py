@@ -13,9 +13,9 @@ from components.images import image
 
 @dsl.component(base_image=image("eval"), install_kfp_package=False)
 def evaluate(onnx_model: Input[Model], shards: Input[Dataset], input_size: str, flip_test: bool,
-             experiment: str, parent_run_id: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+             detections_uri: str, experiment: str, parent_run_id: str, evaluation: Output[Artifact], metrics: Output[Metrics],
              report: Output[Markdown]) -> None:
-    """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>``."""
+    """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>`` (OKS-NMS when the shards come from detections)."""
     import json
     import shutil
     from pathlib import Path
@@ -24,7 +24,8 @@ def evaluate(onnx_model: Input[Model], shards: Input[Dataset], input_size: str, 
 
     argv = ["evaluate", "--model", f"{onnx_model.path}/keypoints.onnx", "--shards", f"{shards.path}/{input_size}",
             "--out", evaluation.path]
-    run_stage(argv + ([] if flip_test else ["--no-flip"]), experiment, parent_run_id)
+    argv += ([] if flip_test else ["--no-flip"]) + (["--detections", detections_uri] if detections_uri else [])
+    run_stage(argv, experiment, parent_run_id)
     doc = json.loads((Path(evaluation.path) / "metrics.json").read_text())
     for name, value in doc["metrics"].items():
         metrics.log_metric(name, float(value))

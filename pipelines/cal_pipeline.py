@@ -139,7 +139,7 @@ def cal_pipeline(
     _resources(exported, "2", "8Gi").set_display_name("export-onnx")
 
     evaluated = evaluate(onnx_model=exported.outputs["onnx_model"], shards=shards["val"], input_size=input_size,
-                         flip_test=flip_test, **tracking)
+                         flip_test=flip_test, detections_uri=detections_uri, **tracking)
     _resources(evaluated, "4", "8Gi").set_display_name("evaluate")
 
     registered = register(onnx_model=exported.outputs["onnx_model"], evaluation=evaluated.outputs["evaluation"],

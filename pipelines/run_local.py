@@ -29,7 +29,7 @@ from cal_core import tracking
 from cal_core.cli import main as cal_pose
 
 #: Metrics of the AP table, in the order of the paper's tables.
-AP_TABLE = ("AP", "AP50", "AP75", "APm", "APl", "AR")
+AP_TABLE = ("AP", "AP50", "AP75", "APM", "APL", "AR")
 
 
 def synthetic_set(runs: Path, train: int, val: int, seed: int) -> Path:
