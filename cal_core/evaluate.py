@@ -16,6 +16,7 @@ import copy
 import hashlib
 import io
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,13 +386,14 @@ def val_digest(gt_bytes: bytes, collected: Collected) -> str:
 def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = True, device: Any = None,
                    batch_size: int = 64) -> dict[str, float]:
     """COCO keypoint AP/AR of an in-memory torch model on a shard set (train.py's validation)."""
-    from cal_core.data.dataset import ShardDataset
+    from cal_core.data.dataset import ShardDataset, read_manifest
     from cal_core.storage import join, read_bytes
 
-    dataset = ShardDataset(shards_uri, codec, train=False)
+    manifest = read_manifest(shards_uri)
     info = ModelInfo("", codec.input_size, int(getattr(model, "arch", {}).get("num_joints", NUM_KEYPOINTS)), "",
                      "torch")
-    check_compatible(info, dataset.manifest, shards_uri, len(dataset))
+    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
+    dataset = ShardDataset(shards_uri, codec, train=False)
     got = collect(torch_predictor(model, codec, flip, device), dataset, codec, batch_size)
     nms = OKS_NMS_THR if (got.ann_ids < 0).any() else None
     results = coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas, nms)
@@ -454,12 +456,13 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
 def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, detections_uri: str | None = None,
              batch_size: int = 64, workers: int = 0, tracker: Any = None) -> dict[str, Any]:
     """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
-    from cal_core.data.dataset import ShardDataset
+    from cal_core.data.dataset import ShardDataset, read_manifest
     from cal_core.storage import join, read_bytes
 
     predictor, info, codec = load_predictor(model_uri, flip)
+    manifest = read_manifest(shards_uri)
+    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
     dataset = ShardDataset(shards_uri, codec, train=False)
-    check_compatible(info, dataset.manifest, shards_uri, len(dataset))
     gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
     gt = json.loads(gt_bytes)
     got = collect(predictor, dataset, codec, batch_size, workers, overlays=OVERLAYS)
@@ -510,13 +513,18 @@ def run(args: argparse.Namespace) -> int:
 
     params = {"model": args.model, "shards": args.shards, "flip": args.flip, "detections": args.detections,
               "batch_size": args.batch_size}
-    with tempfile.TemporaryDirectory() as tmp, \
-            tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
-        out = output_dir(args.out, Path(tmp) / "out")
-        doc = evaluate(args.model, args.shards, out, args.flip, args.detections, args.batch_size, args.workers,
-                       tracker)
-        tracker.set_tags({"val_digest": doc["val_digest"], "method": doc["method"], "input_size": doc["input_size"]})
-        publish(out, args.out)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, \
+                tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
+            out = output_dir(args.out, Path(tmp) / "out")
+            doc = evaluate(args.model, args.shards, out, args.flip, args.detections, args.batch_size,
+                           args.workers, tracker)
+            tracker.set_tags({"val_digest": doc["val_digest"], "method": doc["method"],
+                              "input_size": doc["input_size"]})
+            publish(out, args.out)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: say what does not match, no traceback
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
     print(metrics_table([{"method": doc["method"], "backbone": doc["backbone"], "input_size": doc["input_size"],
                           **doc["metrics"]}]))
     return 0

@@ -245,6 +245,21 @@ def test_model_that_does_not_fit_the_shards_is_refused(val_shards: Path) -> None
         evaluate.check_compatible(evaluate.ModelInfo("udp", (64, 48), 17, "", ""), manifest, "s", 0)
 
 
+def test_cli_names_a_size_mismatch(val_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from cal_core.models import build_model
+
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    model = build_model("tiny", "heatmap", input_size=(128, 96))
+    config = {"method": "heatmap", "backbone": "tiny", "input_size": [128, 96]}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "big.pt")
+    assert evaluate.run(_args(tmp_path / "big.pt", val_shards, tmp_path / "out")) == 2
+    assert "model input size 128x96 does not match the shard set" in capsys.readouterr().err
+
+
 def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
     gt = json.loads((val_shards / "annotations.json").read_text())
     manifest = json.loads((val_shards / "manifest.json").read_text())
@@ -258,3 +273,29 @@ def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
     gt_boxes = evaluate.Collected(**{**collected.__dict__, "ann_ids": np.array([7])})
     with pytest.raises(ValueError, match="ground-truth boxes"):
         evaluate.check_detections([det], gt, manifest, gt_boxes, "dets.json")
+
+
+@pytest.mark.slow  # two dynamo exports: ~30 s on a busy 2-core machine
+def test_onnx_graphs_predict_what_the_checkpoint_predicts(val_shards: Path, tiny_checkpoint: Path,
+                                                          tmp_path: Path) -> None:
+    import torch
+
+    from cal_core.data.dataset import ShardDataset
+    from cal_core.export import export_graphs
+    from cal_core.models import model_from_checkpoint
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    predictor, info, codec = evaluate.load_predictor(str(tiny_checkpoint), flip=True)
+    dataset = ShardDataset(str(val_shards), codec, train=False)
+    want = evaluate.collect(predictor, dataset, codec)
+    export_graphs(model_from_checkpoint(ckpt), ckpt["config"], tmp_path, flip=True)
+    for graph in ("raw.onnx", "keypoints.onnx"):
+        onnx_predict, onnx_info, _ = evaluate.load_predictor(str(tmp_path / graph), flip=True)
+        assert (onnx_info.input_size, onnx_info.num_joints, onnx_info.method) == ((64, 48), 17, "udp")
+        got = evaluate.collect(onnx_predict, dataset, codec)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+        # image px; ties in a random net's near-flat heatmaps may pick another argmax for a few joints
+        close = np.linalg.norm(got.keypoints - want.keypoints, axis=-1) <= 1e-2
+        assert close.mean() >= 0.95, graph
+    with pytest.raises(ValueError, match="exported with the flip test"):
+        evaluate.load_predictor(str(tmp_path / "keypoints.onnx"), flip=False)
