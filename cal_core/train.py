@@ -224,21 +224,21 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _state(s: Session, complete: bool) -> dict[str, Any]:
+def _state(s: Session) -> dict[str, Any]:
     """The full resumable state (tensors and primitives only: weights_only-loadable)."""
     return {
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
         "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step, "rng": checkpoint.rng_state(),
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
-        "config": s.model_config, "code_version": checkpoint.code_version(), "complete": complete,
+        "config": s.model_config, "code_version": checkpoint.code_version(),
     }
 
 
 def _save_last(s: Session) -> None:
     """Rank 0 writes ``<out>/last.pt`` atomically; other ranks wait so none runs ahead."""
     if s.ctx.is_main:
-        checkpoint.save(storage.join(s.config.out, checkpoint.LAST), _state(s, complete=False))
+        checkpoint.save(storage.join(s.config.out, checkpoint.LAST), _state(s))
     distributed.barrier(s.ctx)
 
 
