@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -265,32 +266,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure."""
+    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure, 2 on bad input."""
     from cal_core.models import load_checkpoint, model_from_checkpoint
     from cal_core.uris import output_dir, publish
 
-    ckpt = load_checkpoint(args.checkpoint)
-    config = dict(ckpt["config"])
-    model = model_from_checkpoint(ckpt)
-    real = real_crops(args.shards, codec_for(config)) if args.shards else None
-    params = {"checkpoint": args.checkpoint, "flip": args.flip, "method": config["method"],
-              "backbone": config.get("backbone"), "input_size": config["input_size"], "opset": OPSET}
-    with tempfile.TemporaryDirectory() as tmp, \
-            tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
-        out = output_dir(args.out, Path(tmp) / "out")
-        try:
-            report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
-                                  str(ckpt.get("code_version", "")))
-        except ParityError as exc:
-            tracker.log_artifact(out / "parity.json")
-            log.error("%s", exc)
-            return 1
-        finally:
-            publish(out, args.out)
-        for row in report["checks"]:
-            tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
-                                 if isinstance(v, float)})
-        tracker.log_artifact(out, "onnx")
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        config = dict(ckpt["config"])
+        model = model_from_checkpoint(ckpt)
+        real = real_crops(args.shards, codec_for(config)) if args.shards else None
+        params = {"checkpoint": args.checkpoint, "flip": args.flip, "method": config["method"],
+                  "backbone": config.get("backbone"), "input_size": config["input_size"], "opset": OPSET}
+        with tempfile.TemporaryDirectory() as tmp, \
+                tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
+            out = output_dir(args.out, Path(tmp) / "out")
+            try:
+                report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
+                                      str(ckpt.get("code_version", "")))
+            finally:  # parity.json explains a failure too
+                publish(out, args.out)
+                tracker.log_artifact(out, "onnx")
+            for row in report["checks"]:
+                tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
+                                     if isinstance(v, float)})
+    except ParityError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
     print(f"exported {config['method']} {report['input_size']} to {args.out}: parity ok "
           f"({', '.join(r['inputs'] for r in report['checks'])})")
     return 0
