@@ -71,8 +71,8 @@ def crop_matrix(bbox: tuple[float, float, float, float], input_size: tuple[int, 
 
 def source_step(matrix: np.ndarray) -> float:
     """Source pixels per crop pixel along the finer axis of an image -> crop affine."""
-    linear = np.asarray(matrix, dtype=np.float64)[:, :2]
-    return 1.0 / float(np.max(np.linalg.norm(linear, axis=1)))
+    (a, b, _), (c, d, _) = np.asarray(matrix, dtype=np.float64).tolist()
+    return 1.0 / max(math.hypot(a, b), math.hypot(c, d))
 
 
 def decode(data: bytes, min_step: float) -> Decoded:
@@ -107,17 +107,16 @@ def render(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int]) -> np
     """
     d = decoded.scale
     k = max(1, int(math.floor(source_step(matrix) / d + 1e-9)))
-    corners = np.array([[-0.5, -0.5], [crop_wh[0] - 0.5, -0.5], [-0.5, crop_wh[1] - 0.5],
-                        [crop_wh[0] - 0.5, crop_wh[1] - 0.5]])
-    inv = invert_affine(matrix)
-    src = corners @ inv[:, :2].T + inv[:, 2]
-    drafted = (src - (d - 1) / 2.0) / d  # source px -> decoded px
-    pad = k + 1
+    (a, b, tx), (c, e, ty) = invert_affine(matrix).tolist()  # crop px -> source px
+    xs, ys = (-0.5, crop_wh[0] - 0.5), (-0.5, crop_wh[1] - 0.5)
+    src_x = [a * x + b * y + tx for x in xs for y in ys]
+    src_y = [c * x + e * y + ty for x in xs for y in ys]
+    pad = k + 1  # one reduced pixel of bilinear support, plus rounding
     width, height = decoded.image.size
-    left = int(np.clip(math.floor(drafted[:, 0].min()) - pad, 0, width - 1))
-    top = int(np.clip(math.floor(drafted[:, 1].min()) - pad, 0, height - 1))
-    right = int(np.clip(math.ceil(drafted[:, 0].max()) + pad + 1, left + 1, width))
-    bottom = int(np.clip(math.ceil(drafted[:, 1].max()) + pad + 1, top + 1, height))
+    left = min(max(math.floor((min(src_x) - (d - 1) / 2.0) / d) - pad, 0), width - 1)
+    top = min(max(math.floor((min(src_y) - (d - 1) / 2.0) / d) - pad, 0), height - 1)
+    right = min(max(math.ceil((max(src_x) - (d - 1) / 2.0) / d) + pad + 1, left + 1), width)
+    bottom = min(max(math.ceil((max(src_y) - (d - 1) / 2.0) / d) + pad + 1, top + 1), height)
     box = (left, top, right, bottom)
     region = decoded.image.reduce(k, box) if k > 1 else decoded.image.crop(box)
     # region px b -> decoded px a = box0 + k b + (k - 1) / 2 -> source px d a + (d - 1) / 2
@@ -131,10 +130,14 @@ def render(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int]) -> np
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
     """JPEG bytes of an ``(H, W, 3)`` uint8 RGB array (deterministic for equal pixels).
 
-    Chroma is kept at full resolution (4:4:4): the default 4:2:0 halves colour
+    Chroma is kept at full resolution (4:4:4): the usual 4:2:0 halves colour
     resolution again on crops that are already tiny (measured on coco-mini at
-    64x48: +0.6 grey levels mean error for ~20% fewer bytes).
+    64x48: +0.6 grey levels mean error for ~20% fewer bytes). OpenCV's encoder
+    (same libjpeg-turbo) has less per-call overhead than PIL's on small images.
     """
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=quality, subsampling=0)
-    return buffer.getvalue()
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+              cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:, :, ::-1]), params)
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for a crop of shape {pixels.shape}")
+    return data.tobytes()

@@ -340,7 +340,7 @@ def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan, detection
         writer.flush(None)
     kept = _kept_images(gt, plan.tasks, writer.image_skips, detections)
     drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0}
-    annotations = shards.json_bytes(coco.gt_subset(gt, kept, drop))
+    annotations = shards.json_bytes(coco.gt_subset(gt, kept, drop), compact=True)
     skipped = writer.plan_skips + writer.image_skips
     for out in writer.outputs:
         storage.write_bytes(storage.join(out.uri, shards.ANNOTATIONS), annotations)
