@@ -268,10 +268,12 @@ def onnx_predictor(path: str | Path, flip: bool) -> tuple[Predictor, ModelInfo, 
     session = ort_session(path)
     if meta["graph"] == "keypoints":
         baked = meta.get("flip_test") == "true"
-        if baked != flip:
-            raise ValueError(f"{path} was exported {'with' if baked else 'without'} the flip test but evaluation "
-                             f"asks {'for' if flip else 'for no'} flip test: use {'--no-flip' if not baked else 'the default'}"
-                             " or the raw.onnx graph")
+        if baked and not flip:
+            raise ValueError(f"{path} was exported with the flip test inside: evaluate it without --no-flip, "
+                             "or evaluate raw.onnx")
+        if flip and not baked:
+            raise ValueError(f"{path} was exported without the flip test: evaluate it with --no-flip, "
+                             "or evaluate raw.onnx (the flip test then runs outside the graph)")
 
         def run_keypoints(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             out = session.run(None, {"x": batch["image"].numpy()})[0]
