@@ -214,6 +214,21 @@ def test_strict_turns_a_skip_into_a_clear_error(coco_mini: Path, tmp_path: Path)
     assert not (tmp_path / "out" / "64x48" / "manifest.json").exists()
 
 
+@pytest.mark.timeout(120)
+def test_strict_error_stops_the_worker_pool(coco_mini: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    root, expected = _broken_root(coco_mini, tmp_path)
+    ann_file = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(ann_file.read_text())
+    gt["annotations"] = [a for a in gt["annotations"]
+                         if expected.get(a["id"]) not in {"bad_box", "bad_keypoints", "outside_image"}]
+    _write_json(ann_file, gt)
+    monkeypatch.setattr(downsample, "IN_FLIGHT_PER_WORKER", 1)  # the feeder blocks on a full window
+    with pytest.raises(downsample.DownsampleError, match="(corrupt_image|missing_file)"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), ["64x48"], workers=2, strict=True,
+                              progress=False)
+
+
 @pytest.mark.parametrize("content, why", [(b"{not json", "not valid JSON"), (b"[1, 2]", "not a COCO"),
                                           (b'{"images": [], "annotations": []}', "categories"), (None, "cannot read")])
 def test_unreadable_annotation_file_names_the_file(tmp_path: Path, content: bytes | None, why: str) -> None:

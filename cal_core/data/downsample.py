@@ -52,6 +52,8 @@ DEFAULT_SHARD_SIZE = 2000
 JPEG_QUALITY = 95
 #: Skip reasons decided while decoding (the others come from the annotation file).
 IMAGE_REASONS = (coco.MISSING_FILE, coco.CORRUPT_IMAGE, coco.SIZE_MISMATCH)
+#: Images handed to the pool but not yet consumed, per worker (bounds memory).
+IN_FLIGHT_PER_WORKER = 8
 
 
 class DownsampleError(ValueError):
@@ -128,22 +130,35 @@ def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
 
 
 def _results(tasks: Sequence[coco.ImageTask], job: Job, workers: int) -> Iterator[ImageResult]:
-    """:func:`process_image` over ``tasks`` in order; worker processes with at most ~8 images each in flight."""
+    """:func:`process_image` over ``tasks`` in order, in worker processes with a bounded number in flight.
+
+    The window keeps finished-but-unconsumed results (crops of every size)
+    bounded. If the consumer stops early (error, strict skip), the feeder is
+    told to stop so the pool can shut down instead of waiting on it.
+    """
     if workers <= 1:
         for task in tasks:
             yield process_image(task, job)
         return
-    window = threading.BoundedSemaphore(8 * workers)
+    window = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
+    stop = threading.Event()
 
     def feed() -> Iterator[coco.ImageTask]:
         for task in tasks:
-            window.acquire()
+            while not window.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
             yield task
 
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (job,)) as pool:
-        for result in pool.imap(process_image, feed(), chunksize=1):
-            window.release()
-            yield result
+        try:
+            for result in pool.imap(process_image, feed(), chunksize=1):
+                window.release()
+                yield result
+        finally:
+            stop.set()
 
 
 @dataclass
@@ -411,6 +426,8 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
         log.info("%s: all shards already complete for %s", out, ", ".join(map(shards.size_name, sizes)))
         return _report(outputs, prevs, already_complete=True)
     point, restored = _resume(outputs, prevs, plan.tasks)
+    for o in outputs:  # a manifest on storage always describes a complete set: drop it until rewritten
+        storage.delete(storage.join(o.uri, shards.MANIFEST))
     writer = _Writer(outputs, header, shard_size, [s.to_dict() for s in plan.skipped], restored, point)
     _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
     _finish(writer, gt, plan, detections is not None)
