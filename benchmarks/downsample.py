@@ -4,10 +4,12 @@ Ours: the whole stage (:func:`cal_core.data.downsample.downsample`) with one
 worker process: JSON parsing, one reduced-size JPEG decode per image (DCT
 draft), box pre-reduction, bilinear warp, JPEG encode and zstd parquet shards.
 
-Naive baseline, what most pose code does per sample: read and fully decode the
-image for every person (``cv2.imread``), one ``cv2.warpAffine`` (INTER_LINEAR)
-to the same crop geometry, and a JPEG encode of the crop, so both produce the
-same thing (and the baseline skips the parquet writing ours pays for).
+Naive baseline, what most pose code does per sample (e.g. the authors'
+HRNet-based ``JointsDataset.__getitem__``): read and fully decode the image
+for every person (``cv2.imread`` ignoring EXIF orientation, then BGR -> RGB),
+one ``cv2.warpAffine`` (INTER_LINEAR) to the same crop geometry, plus a JPEG
+encode of the crop so both produce the same thing (the baseline skips the
+parquet writing ours pays for).
 
 Both run in this process on one core (OpenCV threads = 1) over coco-mini's
 kept people (train and val, COCO rules), files warm in the page cache, after
@@ -82,12 +84,12 @@ def naive_jobs(root: Path, splits: list[str]) -> list[tuple[str, tuple[float, fl
 
 
 def time_naive(jobs: list[tuple[str, Any]], size: str) -> tuple[int, float, float]:
-    """(instances, CPU seconds, wall seconds) of full decode + warpAffine + JPEG encode per person."""
+    """(instances, CPU seconds, wall seconds) of full decode + RGB + warpAffine + JPEG encode per person."""
     input_size = shards.parse_size(size)
     crop_h, crop_w = crops.crop_size(input_size, downsample.DEFAULT_MARGIN)
     cpu, wall = time.process_time(), time.perf_counter()
     for path, box in jobs:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), cv2.COLOR_BGR2RGB)
         matrix = crops.crop_matrix(box, input_size, downsample.DEFAULT_MARGIN, 1.25)
         crop = cv2.warpAffine(image, matrix, (crop_w, crop_h), flags=cv2.INTER_LINEAR)
         ok, _ = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, downsample.JPEG_QUALITY])
