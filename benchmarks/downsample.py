@@ -113,6 +113,7 @@ def measure(root: Path, splits: list[str], size: str, repeats: int, work: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure every size, print the table and write ``benchmarks/results/downsample.json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run on 10 val images")
     parser.add_argument("--coco", type=Path, default=DEFAULT_COCO, help="COCO root (default: shared coco-mini)")

@@ -368,3 +368,27 @@ def test_s3_round_trip(coco_mini: Path, tmp_path: Path, s3_server) -> None:  # n
     assert {k: v for k, v in _files(from_s3).items() if k != "64x48/manifest.json"} == \
         {k: v for k, v in _files(local).items() if k != "64x48/manifest.json"}
     assert _manifest(from_s3 / "64x48")["source"]["annotations"]["uri"].startswith(bucket)
+
+
+def test_shard_readers_reject_corrupt_or_mismatched_shards(full: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    shutil.copytree(full["val"] / "64x48", folder)
+    entry = shards.read_manifest(str(folder))["shards"][0]
+    uri = str(folder / entry["path"])
+    assert len(shards.read_shard(uri, entry)) == entry["rows"]
+    assert shards.shard_is_complete(str(folder), entry)
+    with pytest.raises(shards.ShardError, match="rows, the manifest says"):
+        shards.read_shard(uri, {**entry, "rows": entry["rows"] + 1, "sha256": entry["sha256"]})
+    assert not shards.shard_is_complete(str(folder), {**entry, "rows": entry["rows"] + 1})
+    Path(uri).write_bytes(Path(uri).read_bytes()[:-10])
+    with pytest.raises(shards.ShardError, match=rf"{entry['path']}: sha256 differs"):
+        shards.read_shard(uri, entry)
+    with pytest.raises(shards.ShardError, match="not a readable parquet shard"):
+        shards.read_shard(uri)
+    assert not shards.shard_is_complete(str(folder), entry)
+    assert not shards.shard_is_complete(str(folder), {"rows": 1})
+    (folder / "manifest.json").write_text("{")
+    with pytest.raises(shards.ShardError, match="manifest.json: not valid JSON"):
+        shards.read_manifest(str(folder))
+    with pytest.raises(shards.ShardError, match="cannot read"):
+        shards.read_manifest(str(tmp_path / "nowhere"))

@@ -87,6 +87,7 @@ class Skip:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest entry of this skip."""
         return {"image_id": self.image_id, "ann_id": self.ann_id, "file": self.file, "reason": self.reason}
 
 
@@ -112,6 +113,7 @@ def image_uri(coco_root: str, split: str, file_name: str) -> str:
 
 
 def _check_split(split: str) -> None:
+    """Raise ``ValueError`` unless ``split`` is ``train`` or ``val``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
@@ -160,6 +162,7 @@ def _int_id(value: Any) -> int | None:
 
 
 def _or_minus_one(value: int | None) -> int:
+    """An id for a skip entry: the id, or -1 when the record has none."""
     return -1 if value is None else value
 
 
@@ -312,6 +315,7 @@ def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, 
 
 
 def _score(det: dict[str, Any]) -> float:
+    """A detection's score as a float (NaN when it is not a number)."""
     try:
         return float(det.get("score"))
     except (TypeError, ValueError):

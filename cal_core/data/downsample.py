@@ -84,6 +84,7 @@ _JOB: Job | None = None
 
 
 def _init_worker(job: Job) -> None:
+    """Pool initializer: the job settings every task of this run shares."""
     global _JOB
     _JOB = job
 
@@ -173,6 +174,7 @@ class Output:
     written: int = 0
 
     def add(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows to the current (unwritten) shard."""
         for row in rows:
             for name in shards.COLUMNS:
                 self.columns[name].append(row[name])
@@ -237,6 +239,7 @@ def _verified_prefix(uri: str, entries: list[dict[str, Any]]) -> int:
 
 
 def _strict_error(skip: coco.Skip, where: str, detail: str = "") -> DownsampleError:
+    """The ``strict`` error for a skip: the file (``where``), the record and the reason."""
     what = f"image {skip.image_id} ({skip.file or 'no file'}), annotation {skip.ann_id}"
     return DownsampleError(f"{where}: {what}: {skip.reason}{': ' + detail if detail else ''} "
                            "(--strict turns skipped records into errors)")

@@ -84,6 +84,7 @@ def shard_bytes(columns: dict[str, list[Any]]) -> bytes:
 
 
 def sha256(data: bytes) -> str:
+    """Hex sha256 of ``data`` (how shards and annotation files are identified)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -144,9 +145,10 @@ def read_shard(
 
 def shard_is_complete(folder: str, entry: dict[str, Any]) -> bool:
     """True if the shard of a manifest ``entry`` exists with the recorded sha256 and row count."""
-    uri = storage.join(folder, entry["path"])
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return False
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(storage.join(folder, entry["path"]))
     except FileNotFoundError:
         return False
     if sha256(data) != entry.get("sha256"):
