@@ -270,8 +270,10 @@ def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
-def test_killed_run_resumes_to_the_same_result(coco_mini: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kill_at, damage", [(3, False), (6, False), (4, True)])
+def test_killed_run_resumes_to_the_same_result(coco_mini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               kill_at: int, damage: bool) -> None:
+    """Killed at the ``kill_at``-th shard write (sizes alternate: 64x48, 256x192, 64x48, ...), then rerun."""
     root = _small_root(coco_mini, tmp_path)
     reference = tmp_path / "reference"
     downsample.downsample(str(root), "val", str(reference), SIZES, shard_size=4, workers=1, progress=False)
@@ -280,7 +282,7 @@ def test_killed_run_resumes_to_the_same_result(coco_mini: Path, tmp_path: Path,
 
     def dying_flush(self: downsample.Output, start: list[Any]) -> None:
         calls["n"] += 1
-        if calls["n"] == 4:  # shard 0 in both sizes, shard 1 of the first size, then "killed"
+        if calls["n"] == kill_at:
             raise KeyboardInterrupt("killed")
         real_flush(self, start)
 
@@ -290,10 +292,15 @@ def test_killed_run_resumes_to_the_same_result(coco_mini: Path, tmp_path: Path,
         downsample.downsample(str(root), "val", str(out), SIZES, shard_size=4, workers=1, progress=False)
     assert not (out / "64x48" / "manifest.json").exists() and (out / "64x48" / shards.PROGRESS).exists()
     monkeypatch.setattr(downsample.Output, "flush", real_flush)
-    (out / "256x192" / "shard-00000.parquet").write_bytes(b"damaged")  # must be detected and redone
+    if damage:
+        (out / "256x192" / "shard-00000.parquet").write_bytes(b"damaged")  # must be detected and redone
     report = downsample.downsample(str(root), "val", str(out), SIZES, shard_size=4, workers=1, progress=False)
     total = report["64x48"]["shards"]
-    assert report["64x48"]["written"] == total - 2 and report["256x192"]["written"] == total
+    done_small, done_large = kill_at // 2, (kill_at - 1) // 2  # shards written before the kill
+    if damage:
+        done_large = 0
+    assert report["64x48"]["written"] == total - done_small
+    assert report["256x192"]["written"] == total - done_large
     assert _files(out) == _files(reference)
 
 
