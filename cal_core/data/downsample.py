@@ -105,7 +105,8 @@ def _row(task: coco.ImageTask, inst: coco.Instance, matrix: np.ndarray, pixels: 
 def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
     """Read and decode one image once, then render every person at every size."""
     job = job or _JOB
-    assert job is not None, "worker not initialised"
+    if job is None:
+        raise RuntimeError("process_image needs a Job (or a pool started with _init_worker)")
     uri = storage.join(job.image_root, task.file_name)
     try:
         data = storage.read_bytes(uri)
