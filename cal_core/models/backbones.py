@@ -8,7 +8,7 @@ The ``trunk`` is the part the CAL ``dual`` head builds twice (heads.py). Names:
   to stride 32, then three 4x4 stride-2 deconvolutions with 256 channels; trunk
   = the deconvolution stack.
 - ``tiny``: a small CPU net for tests, CPU benchmarks and the CPU accuracy
-  comparison (:class:`TinyShared`); trunk = two residual blocks at stride 4.
+  comparison (:class:`TinyShared`); trunk = one residual block at stride 4.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from cal_core.models.heads import ResidualBlock, init_weights
 from cal_core.models.hrnet import TIMM_NAMES, build_hrnet
 
 BACKBONES: tuple[str, ...] = ("tiny", *TIMM_NAMES, "resnet50")
+#: Channels of the tiny net at strides 4, 8 and 16.
+TINY_WIDTHS = (24, 48, 96)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
@@ -31,19 +33,21 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Se
 
 
 class TinyShared(nn.Module):
-    """A small U-shaped encoder-decoder that ends at stride 4 (about 0.6M parameters).
+    """A small U-shaped encoder-decoder that ends at stride 4 (about 0.5M parameters).
 
-    A stride-4 stem feeds three resolutions (strides 4, 8, 16 with 32, 64, 96
+    A stride-4 stem feeds three resolutions (strides 4, 8, 16 with 24, 48, 96
     channels); the decoder adds the coarser, context-rich features back into the
     finer ones (1x1 lateral conv + nearest resize to the finer map's exact size,
     so any input size works), as HRNet's fuse layers do, keeping the stride-4
-    resolution the heatmaps need.
+    resolution the heatmaps need. Sized for CPU training: about 15M
+    multiply-adds per 64x48 image with the ``offset`` head, most of it at
+    strides 8-16 where context is cheap.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 96)) -> None:
+    def __init__(self, widths: tuple[int, int, int] = TINY_WIDTHS) -> None:
         super().__init__()
         c4, c8, c16 = widths
-        self.stem = nn.Sequential(conv_bn_relu(3, 24, 2), conv_bn_relu(24, c4, 2))
+        self.stem = nn.Sequential(conv_bn_relu(3, 16, 2), conv_bn_relu(16, c4, 2))
         self.enc4 = ResidualBlock(c4)
         self.enc8 = nn.Sequential(conv_bn_relu(c4, c8, 2), ResidualBlock(c8))
         self.enc16 = nn.Sequential(conv_bn_relu(c8, c16, 2), ResidualBlock(c16), ResidualBlock(c16))
@@ -62,9 +66,9 @@ class TinyShared(nn.Module):
 
 def build_tiny() -> tuple[nn.Module, nn.Module, int]:
     """``(shared, trunk, channels)`` of the tiny CPU net."""
-    trunk = nn.Sequential(ResidualBlock(32), ResidualBlock(32))
+    trunk = nn.Sequential(ResidualBlock(TINY_WIDTHS[0]))
     init_weights(trunk)
-    return TinyShared(), trunk, 32
+    return TinyShared(), trunk, TINY_WIDTHS[0]
 
 
 class ResNetShared(nn.Module):
