@@ -1,0 +1,152 @@
+"""``make run-containers``: the DAG of ``make run`` with every stage inside its own image.
+
+The same pipeline, data and small settings as ``pipelines.run_local`` (its
+helpers and flags are imported, not copied), but run by
+``kfp.local.DockerRunner``, so each task runs in the stage image its
+component names (``components/images.py``; build them with ``make images``).
+``images/run_containers.sh`` starts podman's Docker-compatible service and sets
+``DOCKER_HOST`` before calling this; with Docker, its own socket is used.
+
+How the containers see what they need:
+- kfp bind-mounts the artifact root (``runs/<run-id>/artifacts``) at the same
+  absolute path; we add the dataset folder (read-only) and the folder of the
+  sqlite MLflow database (``runs/``, read-write; the experiment's artifact
+  store is ``runs/artifacts`` beside it), also at their own paths, so every
+  path means the same inside and outside.
+- MLflow stays the embedded sqlite store of ``make run`` (no server to start):
+  the parent run is opened here, and ``MLFLOW_TRACKING_URI``,
+  ``MLFLOW_EXPERIMENT_NAME`` and ``CAL_POSE_PARENT_RUN_ID`` are passed into
+  each container when it starts, so every stage logs a child run into the same
+  database. An ``http://`` tracking URI works too: containers share the host
+  network (``network_mode="host"``), so a loopback server is reachable.
+- Containers run as the calling user (``docker run -u $(id -u):$(id -g)``) so
+  the files they write in ``runs/`` belong to whoever started the run; the
+  images' own default user is the non-root ``calpose`` (uid 1000).
+- A container that exits non-zero fails its task and the run, with the log
+  tail (``pipelines/container_runner.py``: kfp 2.16.1 on podman 4.3.1 would
+  otherwise report it as a success).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cal_core import tracking
+from components import images
+from pipelines import container_runner, run_local
+
+#: Environment copied into every stage container (when set here): tracking, S3, and the parent run.
+PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", tracking.PARENT_ENV, tracking.TRACKING_SWITCH_ENV,
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY")
+
+
+def missing_images(client: Any) -> list[str]:
+    """Stage images the components name that the engine does not have."""
+    import docker
+
+    missing = []
+    for name in images.IMAGES:
+        try:
+            client.images.get(images.image(name))
+        except docker.errors.ImageNotFound:
+            missing.append(images.image(name))
+    return missing
+
+
+def mounts(coco: Path, runs: Path, tracking_uri: str) -> dict[str, dict[str, str]]:
+    """Extra bind mounts, each at its own absolute path: the dataset (ro), runs/ and the sqlite folder (rw)."""
+    volumes = {str(coco.resolve()): {"bind": str(coco.resolve()), "mode": "ro"},
+               str(runs): {"bind": str(runs), "mode": "rw"}}
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).resolve().parent
+        if not folder.is_relative_to(runs):
+            volumes[str(folder)] = {"bind": str(folder), "mode": "rw"}
+    return volumes
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the DAG once in containers; returns the summary also written to ``runs/<run-id>/summary.json``.
+
+    Raises :class:`container_runner.PipelineFailed` (with each failed container's log tail) when a stage fails.
+    """
+    import docker
+    from kfp import local
+
+    from pipelines.cal_pipeline import cal_pipeline
+
+    client = docker.from_env()
+    try:
+        absent = missing_images(client)
+    finally:
+        client.close()
+    if absent:
+        raise RuntimeError(f"stage images missing: {', '.join(absent)}; build them with `make images`")
+
+    runs = Path(args.runs_dir).resolve()
+    run_id = args.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.method}-{args.input_size}-containers"
+    run_dir = runs / run_id
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists; pick another --run-id")
+    run_dir.mkdir(parents=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = args.experiment
+    started = time.monotonic()
+
+    coco_root = args.coco or os.environ.get("COCO_ROOT")
+    coco = Path(coco_root) if coco_root else run_local.synthetic_set(runs, args.people, args.val_people,
+                                                                     args.data_seed)
+    arguments = run_local.pipeline_arguments(args, coco)
+    uri = tracking.tracking_uri()
+    print(f"run {run_id}: every stage in its image ({images.registry()}/<stage>:{images.tag()}), "
+          f"artifacts in {run_dir}, MLflow at {uri}", flush=True)
+
+    runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
+    local.init(runner=runner, pipeline_root=str(run_dir / "artifacts"), raise_on_error=True)
+    tags = {"runner": "kfp.local.DockerRunner", "data": str(coco), "images": f"{images.registry()}:{images.tag()}"}
+    with container_runner.use_container_runner(mounts(coco, runs, uri), PASS_ENV) as failures, \
+            tracking.pipeline_run(run_id, args.experiment, params=arguments, tags=tags, local_dir=run_dir) as parent:
+        try:
+            decision = cal_pipeline(**arguments).output
+        except RuntimeError as error:
+            if failures:
+                raise container_runner.PipelineFailed(str(error), failures) from error
+            raise
+        evaluation = run_local.find_one(run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
+        doc = json.loads(evaluation.read_text())
+        parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
+        parent.set_tags({"registry_decision": decision})
+        summary = {
+            "run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri, "runner": "docker",
+            "data": str(coco), "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
+            "run_dir": str(run_dir), "artifacts": str(evaluation.parents[2]),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run; print the AP table, or the failed stage with its log tail (exit code 1)."""
+    try:
+        summary = run_pipeline(args)
+    except container_runner.PipelineFailed as failed:
+        print(f"\nFAILURE: {failed}", file=sys.stderr, flush=True)
+        return 1
+    print("\nCOCO keypoint AP (pycocotools, %):\n" + run_local.ap_table(summary["run_id"], summary["metrics"]))
+    print(f"registry: {summary['registry']}")
+    print(f"wall time: {summary['wall_seconds']:.0f} s; summary: {summary['run_dir']}/summary.json")
+    if summary["tracking_uri"].startswith("sqlite:///"):
+        print(f"compare runs: .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m pipelines.run_containers", description=__doc__.splitlines()[0])
+    run_local.add_arguments(cli)
+    sys.exit(run(cli.parse_args()))
