@@ -22,6 +22,7 @@ MLflow parent run id only exists once the pipeline run has opened it).
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -32,6 +33,8 @@ from typing import Any
 LOG_TAIL_LINES = 40
 #: Exit code reported when the container's own exit code cannot be read (never assume success).
 UNKNOWN_EXIT = 125
+#: Terminal colour codes kfp puts in its status messages (unreadable in files and CI logs).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class PipelineFailed(RuntimeError):
     def __init__(self, message: str, failures: Iterable[ContainerFailure]) -> None:
         self.failures = tuple(failures)
         blocks = "\n".join(failure.describe() for failure in self.failures)
+        message = _ANSI.sub("", message)
         super().__init__(f"{message}\n{blocks}" if blocks else message)
 
 

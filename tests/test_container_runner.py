@@ -115,7 +115,8 @@ def test_wrapper_fails_the_task_with_exit_code_and_log_tail(fake_docker, tmp_pat
     assert failure.log_tail[-1] == "Traceback: ValueError: bad --method"
     assert len(failure.log_tail) == container_runner.LOG_TAIL_LINES
     assert failure.log_tail[0] == f"step {61 - container_runner.LOG_TAIL_LINES}"
-    error = container_runner.PipelineFailed("pipeline failed", failures)
+    error = container_runner.PipelineFailed("Pipeline \x1b[95m'p'\x1b[0m finished with status FAILURE", failures)
+    assert str(error).startswith("Pipeline 'p' finished with status FAILURE\n")
     assert "exited with code 3" in str(error) and "bad --method" in str(error)
 
 
