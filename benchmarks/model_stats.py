@@ -1,10 +1,13 @@
 """Parameters and GFLOPs of every backbone/head, next to the paper's Tables 1 and 9.
 
-GFLOPs are counted as the pose literature (and the paper) counts them:
-multiply-accumulates, i.e. half of ``torch.utils.flop_counter.FlopCounterMode``'s
-FLOPs (convolutions and matmuls; BatchNorm, ReLU, resizing are not counted).
-The forward runs on the ``meta`` device, so no arithmetic is done and even
-HRNet-W48 at 384x288 takes a moment.
+``gmacs`` are multiply-accumulates in units of 1e9, i.e. half of
+``torch.utils.flop_counter.FlopCounterMode``'s FLOPs (convolutions and matmuls;
+BatchNorm, ReLU, resizing are not counted). ``gflops_paper`` is the same count
+in the unit the paper's Tables 1 and 9 use: the authors' ``get_model_summary``
+(HRNet code base, ``lib/utils/utils.py``) sums conv/linear multiply-adds and
+divides by 1024**3, so their "1.8 GFLOPs" for HRNet-W32 at 128x96 is 1.91e9
+multiply-adds. The forward runs on the ``meta`` device, so no arithmetic is
+done and even HRNet-W48 at 384x288 takes a moment.
 
     .venv/bin/python -m benchmarks.model_stats [--quick]
 """
@@ -48,8 +51,9 @@ def measure(backbone: str, head: str, sizes: list[str]) -> list[dict]:
     rows = []
     for size in sizes:
         h, w = (int(v) for v in size.split("x"))
+        macs = gmacs(model, (h, w))
         row = {"backbone": backbone, "head": head, "input_size": size, "params_M": round(params, 3),
-               "gmacs": round(gmacs(model, (h, w)), 3)}
+               "gmacs": round(macs, 3), "gflops_paper": round(macs * 1e9 / 2**30, 3)}
         if (backbone, head, size) in PAPER:
             method, paper_params, paper_gflops = PAPER[(backbone, head, size)]
             row.update(paper_method=method, paper_params_M=paper_params, paper_gflops=paper_gflops,
@@ -70,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             if backbone == "hrnet_w48" and not args.quick:
                 sizes.append("384x288")
             rows += measure(backbone, head, sizes)
-    print_table(rows, ["backbone", "head", "input_size", "params_M", "gmacs", "paper_method",
+    print_table(rows, ["backbone", "head", "input_size", "params_M", "gmacs", "gflops_paper", "paper_method",
                        "paper_params_M", "paper_gflops", "params_diff_pct"])
-    path = write_results("model_stats", rows, extra={"quick": args.quick, "gflops_unit": "multiply-accumulates (G)"})
+    path = write_results("model_stats", rows, extra={"quick": args.quick, "units": {
+        "gmacs": "multiply-accumulates / 1e9",
+        "gflops_paper": "multiply-accumulates / 2**30 (the authors' get_model_summary)"}})
     print(f"wrote {path}")
     return 0
 
