@@ -145,6 +145,7 @@ def compare(raw: RawGraph, keypoints: KeypointGraph, raw_path: Path, kp_path: Pa
     row: dict[str, Any] = {"inputs": label, "batch": int(x.shape[0])}
     for name, want, got in zip(names, want_raw, got_raw, strict=True):
         row[f"{name}_max_abs_diff"] = float(np.abs(want - got).max())
+        row[f"{name}_max_abs"] = float(np.abs(want).max())  # the scale the difference is measured against
     clear = ~_ambiguous_joints(heat, OUTPUT_TOL)
     xy_err = np.linalg.norm(want_kp[..., :2] - got_kp[..., :2], axis=-1)
     row["keypoint_max_px_diff"] = float(xy_err[clear].max()) if clear.any() else 0.0
