@@ -7,6 +7,7 @@ import io
 import pytest
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cal_core import storage
 from cal_core.models import (
@@ -70,8 +71,22 @@ def test_num_joints_is_configurable() -> None:
     ("resnet50", "heatmap", 34.0),    # SimpleBaseline-R50 (Xiao et al.)
 ])
 def test_parameter_counts_match_the_paper(backbone: str, head: str, millions: float) -> None:
-    count = count_parameters(build_model(backbone, head)) / 1e6
+    with torch.device("meta"):  # shapes only: no memory, no init arithmetic
+        count = count_parameters(build_model(backbone, head)) / 1e6
     assert count == pytest.approx(millions, rel=0.03)
+
+
+@pytest.mark.parametrize(("backbone", "head", "gflops"), [
+    ("hrnet_w32", "heatmap", 1.8), ("hrnet_w32", "offset", 1.8), ("hrnet_w32", "dual", 2.5),
+    ("hrnet_w48", "offset", 3.7), ("hrnet_w48", "dual", 5.3),
+])
+def test_gflops_at_128x96_match_table_1(backbone: str, head: str, gflops: float) -> None:
+    """Table 1's GFLOPs are conv multiply-adds / 1024**3 (the authors' get_model_summary)."""
+    with torch.device("meta"):
+        model = build_model(backbone, head).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(1, 3, 128, 96, device="meta"))
+    assert counter.get_total_flops() / 2 / 2**30 == pytest.approx(gflops, rel=0.03)
 
 
 def test_tiny_net_is_small() -> None:
