@@ -1,7 +1,7 @@
 """``make run``: the whole pipeline end to end on this machine with ``kfp.local`` (no cluster, no servers).
 
 What it does:
-1. data: ``--coco DIR`` or ``$COCO_ROOT`` (a COCO-layout folder), else a
+1. data: ``--coco URI`` or ``$COCO_ROOT`` (a COCO-layout folder or s3:// prefix), else a
    synthetic low-resolution people set made by ``cal-pose synth`` (cached in
    ``runs/data/`` so reruns compare on the same data);
 2. MLflow: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<abs>/runs/mlflow.db``; one
@@ -27,6 +27,7 @@ from typing import Any
 
 from cal_core import tracking
 from cal_core.cli import main as cal_pose
+from cal_core.uris import is_remote
 
 #: Metrics of the AP table, in the order of the paper's tables.
 AP_TABLE = ("AP", "AP50", "AP75", "APM", "APL", "AR")
@@ -54,12 +55,13 @@ def lr_steps(epochs: int) -> str:
     return ",".join(str(max(1, round(epochs * share))) for share in (0.75, 0.9))
 
 
-def pipeline_arguments(args: argparse.Namespace, coco: Path) -> dict[str, Any]:
+def pipeline_arguments(args: argparse.Namespace, coco: str) -> dict[str, Any]:
     """Pipeline parameters for a laptop-sized run, then any ``--param NAME=VALUE`` overrides."""
     from pipelines.client import parse_arguments
 
     values: dict[str, Any] = {
-        "coco_uri": str(coco.resolve()), "input_size": args.input_size, "method": args.method,
+        "coco_uri": coco if is_remote(coco) else str(Path(coco).resolve()),
+        "input_size": args.input_size, "method": args.method,
         "backbone": args.backbone, "epochs_stage1": args.epochs, "epochs_stage2": args.epochs_stage2,
         "batch_size": args.batch_size, "lr": args.lr, "lr_steps": lr_steps(args.epochs),
         "workers": args.workers, "amp": False, "mlflow_experiment": args.experiment, "seed": args.seed,
@@ -102,14 +104,14 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
 
     coco_root = args.coco or os.environ.get("COCO_ROOT")
-    coco = Path(coco_root) if coco_root else synthetic_set(runs, args.people, args.val_people, args.data_seed)
+    coco = coco_root or str(synthetic_set(runs, args.people, args.val_people, args.data_seed))
     arguments = pipeline_arguments(args, coco)
     print(f"run {run_id}: artifacts in {run_dir}, MLflow at {tracking.tracking_uri()}", flush=True)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "artifacts"),
                raise_on_error=True)
     with tracking.pipeline_run(run_id, args.experiment, params=arguments,
-                               tags={"runner": "kfp.local", "data": str(coco)}, local_dir=run_dir) as parent:
+                               tags={"runner": "kfp.local", "data": coco}, local_dir=run_dir) as parent:
         decision = cal_pipeline(**arguments).output
         evaluation = find_one(run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
         doc = json.loads(evaluation.read_text())
@@ -117,7 +119,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         parent.set_tags({"registry_decision": decision})
         summary = {
             "run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.tracking_uri(),
-            "data": str(coco), "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
+            "data": coco, "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
             "run_dir": str(run_dir), "artifacts": str(evaluation.parents[2]), "wall_seconds": round(time.monotonic() - started, 1),
         }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -126,7 +128,8 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``make run`` / ``cal-pose pipeline run-local`` (defaults: a ~10-minute CPU run)."""
-    parser.add_argument("--coco", help="COCO-layout dataset folder (default: $COCO_ROOT, else synthetic people)")
+    parser.add_argument("--coco", help="COCO-layout dataset: a folder or s3://bucket/prefix "
+                        "(default: $COCO_ROOT, else synthetic people)")
     parser.add_argument("--people", type=int, default=2000, help="synthetic training people")
     parser.add_argument("--val-people", type=int, default=300, help="synthetic validation people")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")

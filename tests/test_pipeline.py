@@ -1,6 +1,7 @@
 """The compiled pipeline: up to date, six stages, GPU/retry/caching settings, secrets only from Kubernetes."""
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -226,3 +227,27 @@ def test_upload_creates_the_pipeline_or_a_new_version():
     assert client.upload(fake, "new-pipeline", "v1") == "pipe-new"
     assert client.upload(fake, "cal-pose", "0.1.0-r2") == "pipe-1"
     assert fake.calls[-1] == ("version", "0.1.0-r2", "pipe-1")
+
+
+def test_non_cal_methods_pass_through_fit_gmm_and_stage2(tmp_path):
+    """The component bodies (called directly) skip the GMM and copy the stage-1 model for non-CAL methods."""
+    from kfp import dsl
+
+    from components.fit_gmm import fit_gmm
+    from components.train import train_stage2
+
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "model.pt").write_bytes(b"stage-1 weights")
+    gmm = dsl.Artifact(uri=str(tmp_path / "gmm"))
+    fit_gmm.python_func(checkpoint=dsl.Model(uri=str(stage1)), shards=dsl.Dataset(uri=str(tmp_path / "none")),
+                        input_size="64x48", method="udp", components="auto", max_components=3,
+                        experiment="x", parent_run_id="", gmm=gmm)
+    assert json.loads((tmp_path / "gmm" / "gmm.json").read_text())["skipped"] is True
+    model = dsl.Model(uri=str(tmp_path / "stage2"))
+    train_stage2.python_func(shards=dsl.Dataset(uri=str(tmp_path / "none")), init=dsl.Model(uri=str(stage1)),
+                             gmm=gmm, input_size="64x48", method="udp", backbone="tiny", epochs=1, batch_size=2,
+                             lr=1e-4, mgm_update="static", seed=0, amp=False, workers=0, work_uri="", kfp_run_id="r",
+                             experiment="x", parent_run_id="", model=model)
+    assert (tmp_path / "stage2" / "model.pt").read_bytes() == b"stage-1 weights"
+    assert "passthrough" in model.metadata

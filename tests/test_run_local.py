@@ -23,12 +23,12 @@ STAGE_RUNS = {"downsample", "train-s1", "export", "evaluate", "register"}
 CAL_ONLY_RUNS = {"fit-gmm", "train-s2"}
 
 
-def run_local(runs: Path, *flags: str, timeout: int = 600) -> dict:
-    """Run ``pipelines.run_local`` into ``runs``; returns its summary.json (fails with the log tail)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "CAL_POSE_", "COCO_ROOT", "AWS_", "S3_"))}
+def run_local(runs: Path, *flags: str, env: dict[str, str] | None = None, timeout: int = 900) -> dict:
+    """Run ``pipelines.run_local`` into ``runs`` (clean env + ``env``); returns its summary.json."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MLFLOW_", "CAL_POSE_", "COCO_ROOT", "AWS_", "S3_"))}
     proc = subprocess.run([sys.executable, "-m", "pipelines.run_local", "--runs-dir", str(runs), *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"run_local failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
     assert "COCO keypoint AP" in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     summaries = sorted(runs.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
@@ -97,7 +97,7 @@ def check_mlflow(summary: dict, method: str) -> None:
     assert all(run.info.status == "FINISHED" for run in children)
     by_stage = {run.data.tags["cal_pose.stage"]: run for run in children}
     assert by_stage["evaluate"].data.metrics["AP"] == pytest.approx(summary["metrics"]["AP"])
-    assert {"loss", "lr"} <= set(by_stage["train-s1"].data.metrics), "training logged no loss"
+    assert "loss" in by_stage["train-s1"].data.metrics, "training logged no loss"
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +113,25 @@ def test_cal_pipeline_on_synthetic_people(runs_dir):
     assert summary["registry"].startswith("champion: cal-pose v1")
 
 
-def test_second_run_is_comparable_and_non_cal_passes_through(runs_dir):
+def test_coco_mini_run_is_a_comparable_second_run(runs_dir, coco_mini):
     first = json.loads((runs_dir / "cal-synthetic" / "summary.json").read_text())
-    summary = run_local(runs_dir, *SMALL, "--method", "heatmap", "--run-id", "heatmap-synthetic")
-    check_artifacts(summary, "heatmap")
-    check_mlflow(summary, "heatmap")
+    summary = run_local(runs_dir, "--coco", str(coco_mini), "--epochs", "3", "--epochs-stage2", "1",
+                        "--workers", "1", "--run-id", "cal-coco-mini")
+    assert summary["data"] == str(coco_mini)
+    evaluation = check_artifacts(summary, "cal")
+    check_pycocotools_ap(evaluation, summary)
+    check_mlflow(summary, "cal")
     assert summary["tracking_uri"] == first["tracking_uri"]
     parents = [mlflow_runs(s)[0] for s in (first, summary)]
     assert parents[0].info.experiment_id == parents[1].info.experiment_id
     assert set(parents[0].data.metrics) == set(parents[1].data.metrics)
-    assert summary["data"] == first["data"], "the synthetic set is generated once and reused"
+    assert summary["registry"].startswith(("champion: cal-pose v2", "challenger: cal-pose v2"))
 
 
 @pytest.mark.slow
-def test_cal_pipeline_on_coco_mini(runs_dir, coco_mini):
-    summary = run_local(runs_dir, "--coco", str(coco_mini), "--epochs", "3", "--epochs-stage2", "1",
-                        "--workers", "1", "--run-id", "cal-coco-mini")
-    evaluation = check_artifacts(summary, "cal")
-    check_pycocotools_ap(evaluation, summary)
-    check_mlflow(summary, "cal")
+def test_heatmap_run_passes_through_gmm_and_stage2(runs_dir):
+    summary = run_local(runs_dir, *SMALL, "--method", "heatmap", "--run-id", "heatmap-synthetic")
+    check_artifacts(summary, "heatmap")
+    check_mlflow(summary, "heatmap")
+    root = Path(summary["artifacts"])
+    assert one(root, "train-stage2/model/model.pt").read_bytes() == one(root, "train-stage1/model/model.pt").read_bytes()
