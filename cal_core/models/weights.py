@@ -7,8 +7,8 @@ from object storage cannot run code (DESIGN.md section 7).
 
 from __future__ import annotations
 
-import io
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ def load_file(uri: str | Path) -> Any:
     if _is_remote(text):
         from cal_core import storage
 
-        return torch.load(io.BytesIO(storage.read_bytes(text)), map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory(prefix="cal-pose-weights-") as tmp:
+            local = storage.download(text, Path(tmp) / "weights.pt")  # streamed: no second copy in memory
+            return torch.load(local, map_location="cpu", weights_only=True)
     path = Path(text.removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"no such weights/checkpoint file: {path}")
