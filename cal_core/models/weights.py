@@ -58,10 +58,11 @@ def load_weights(model: nn.Module, uri: str | Path) -> None:
     Two kinds are accepted: a full cal-pose model state dict (keys such as
     ``shared.conv1.weight``; loaded strictly), or a backbone state dict such as
     an ImageNet HRNet/ResNet (keys such as ``conv1.weight``), mapped by
-    submodule name onto ``shared``/``trunk``; keys the pose layout drops (the classifier, the last HRNet module's
-    lower-resolution fuse layers) are ignored, and the heads (and the ``dual``
-    layout's ``offset_trunk``) keep their own init.
-    Shape mismatches, or a dict that matches nothing, raise ``ValueError``.
+    submodule name onto ``shared``/``trunk``; keys the pose layout drops (the
+    classifier, the last HRNet module's lower-resolution fuse layers) are
+    ignored, and the heads (and the ``dual`` layout's ``offset_trunk``) keep
+    their own init. Shape mismatches, or a dict that matches nothing, raise
+    ``ValueError``.
     """
     state = _state_dict(load_file(uri), uri)
     own = model.state_dict()
