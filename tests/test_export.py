@@ -79,15 +79,22 @@ def test_mismatch_fails_with_the_numbers(exported: dict, monkeypatch: pytest.Mon
 
 
 @pytest.mark.slow  # two more dynamo exports (~10 s on a quiet 2-core machine)
-def test_cli_exports_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_exports_a_checkpoint(coco_mini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cal_core.cli import main
+
     monkeypatch.setenv("CAL_POSE_TRACKING", "off")
     monkeypatch.chdir(tmp_path)
+    assert main(["downsample", "--coco", str(coco_mini), "--split", "val", "--out", str(tmp_path / "val"),
+                 "--input-size", "64x48"]) == 0
     model = _model("cal")
     ckpt = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "config": _config("cal"), "code_version": "git:abc"}, ckpt)
-    args = argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "onnx"), flip=False, shards=None,
-                              experiment=None, run_name=None)
+    args = argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "onnx"), flip=False,
+                              shards=str(tmp_path / "val" / "64x48"), experiment=None, run_name=None)
     assert export.run(args) == 0
+    parity = json.loads((tmp_path / "onnx" / "parity.json").read_text())
+    assert [r["inputs"] for r in parity["checks"]] == ["random normal", "real crops"]
+    assert parity["checks"][1]["batch"] == export.REAL_CROPS and parity["ok"]
     assert {p.name for p in (tmp_path / "onnx").iterdir()} == {"raw.onnx", "keypoints.onnx", "parity.json"}
     meta = export.read_metadata(tmp_path / "onnx" / "raw.onnx")
     assert meta["graph"] == "raw" and meta["code_version"] == "git:abc" and meta["flip_test"] == "false"
