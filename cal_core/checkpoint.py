@@ -14,6 +14,7 @@ while saving leaves the previous complete checkpoint in place.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import subprocess
@@ -31,6 +32,7 @@ LAST = "last.pt"
 FINAL = "model.pt"
 
 
+@functools.cache
 def code_version() -> str:
     """The git commit of the source tree (``+dirty`` if modified), else the package version."""
     root = Path(__file__).resolve().parents[1]

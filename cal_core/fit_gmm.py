@@ -163,11 +163,13 @@ def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples:
     from torch.utils.data import DataLoader, Subset
 
     from cal_core.data.dataset import ShardDataset
+    from cal_core.train import fork_safe_opencv
 
     dataset = ShardDataset(shards, codec, train=False, seed=seed)
     if max_samples and max_samples < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_samples]
         dataset = Subset(dataset, sorted(order.tolist()))
+    fork_safe_opencv(workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 

@@ -168,6 +168,14 @@ def test_validation_logs_coco_ap_every_epoch(tiny_shards, tmp_path: Path) -> Non
     assert all(0.0 <= m["val_AP"] <= 1.0 and m["samples_seen"] == 40 for m in logged)
 
 
+@pytest.mark.timeout(120)
+def test_loader_workers_forked_after_validation_do_not_hang(tiny_shards, tmp_path: Path) -> None:
+    """Validation runs cv2 in this process; the next epoch's forked workers must still decode crops."""
+    model = train(_config(tiny_shards, tmp_path, method="udp", workers=1, val_shards=tiny_shards["val"],
+                          val_every=1, epochs=2))
+    assert checkpoint.load(model)["epoch"] == 2
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
