@@ -40,7 +40,7 @@ class TinyShared(nn.Module):
     finer ones (1x1 lateral conv + nearest resize to the finer map's exact size,
     so any input size works), as HRNet's fuse layers do, keeping the stride-4
     resolution the heatmaps need. Sized for CPU training: about 15M
-    multiply-adds per 64x48 image with the ``offset`` head, most of it at
+    multiply-adds per 64x48 image with the ``offset`` head, about half of it at
     strides 8-16 where context is cheap.
     """
 
