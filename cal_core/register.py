@@ -45,6 +45,8 @@ def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | No
     if tags.get("val_digest") != val_digest:
         return CHALLENGER, (f"champion v{version} was scored on another validation set "
                             f"({tags.get('val_digest', 'unknown')} vs {val_digest}): APs are not comparable")
+    if "AP" not in tags:
+        return CHALLENGER, f"champion v{version} has no AP tag to compare with (registered by hand?)"
     best = float(tags["AP"])
     if ap > best:
         return CHAMPION, f"AP {100 * ap:.2f} beats champion v{version} AP {100 * best:.2f} on the same val set"

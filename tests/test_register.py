@@ -45,6 +45,8 @@ def test_decide_rules() -> None:
     assert alias == "challenger" and "does not beat" in why
     alias, why = register.decide(0.9, "other", champ)
     assert alias == "challenger" and "another validation set" in why
+    alias, why = register.decide(0.9, "d", ("4", {"val_digest": "d"}))
+    assert alias == "challenger" and "no AP tag" in why
 
 
 def test_first_better_worse_and_loading_the_champion(registry: Path) -> None:
