@@ -93,6 +93,15 @@ def test_tiny_net_is_small() -> None:
     assert count_parameters(build_model("tiny", "dual")) < 1_000_000
 
 
+@pytest.mark.parametrize(("backbone", "head"),
+                         [("tiny", head) for head in HEADS] + [("hrnet_w18_small", "dual"), ("resnet50", "dual")])
+def test_every_parameter_gets_a_gradient(backbone: str, head: str) -> None:
+    """No dead weights (e.g. timm's unused fuse layers): DDP needs no find_unused_parameters."""
+    model = build_model(backbone, head, input_size=(64, 48)).train()
+    sum(out.sum() for out in model(torch.randn(2, 3, 64, 48)).values()).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_dual_branches_are_separate() -> None:
     """The offset loss reaches the second trunk only; the heatmap loss never touches it."""
     model = build_model("tiny", "dual")
