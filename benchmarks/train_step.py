@@ -11,6 +11,7 @@ the loss in float32). Throughput is the median over the timed steps after
 warm-up; on a shared CPU run it with nothing else busy.
 
     .venv/bin/python -m benchmarks.train_step [--quick] [--device auto|cpu|cuda] [--threads 2]
+        [--models tiny,hrnet_w18_small,hrnet_w32]
 """
 
 from __future__ import annotations
@@ -120,15 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--models", default="tiny,hrnet_w18_small,hrnet_w32",
+                        help="comma-separated backbones to run (default: all three)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.case:
         return _child(args)
-    cases = CASES
+    models = ["tiny"] if args.quick else args.models.split(",")
+    cases = [c for c in CASES if c[0] in models]
+    if not cases:
+        parser.error(f"--models {args.models!r} names none of {sorted({c[0] for c in CASES})}")
     if args.quick:
-        cases = [c for c in CASES if c[0] == "tiny"]
         args.warmup, args.iters = 1, 2
     rows = [_spawn(case, args) for case in cases]
     print_table(rows, COLUMNS)
