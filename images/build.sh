@@ -34,9 +34,22 @@ registry=$("$py" -c 'from components import images; print(images.registry())')
 tag=$("$py" -c 'from components import images; print(images.tag())')
 if (($#)); then names=("$@"); else read -r -a names <<<"$("$py" -c 'from components import images; print(*images.IMAGES)')"; fi
 
+rows=$(mktemp)
+trap 'rm -f "$rows"' EXIT
+record() {  # record NAME REF SECONDS: one row of the results JSON
+  local size
+  size=$("$engine" image inspect --format '{{.Size}}' "$2")
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$size" >>"$rows"
+  echo "build.sh: $2 built in $3 s, $((size / 1000000)) MB"
+}
+
 if [[ -z ${BASE_IMAGE:-} ]]; then
   BASE_IMAGE=${LOCAL_BASE_IMAGE:-localhost/debian-base:bookworm}
-  LOCAL_BASE_IMAGE=$BASE_IMAGE bash "$here/make_base_image.sh"
+  if ! "$engine" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    started=$(date +%s)
+    LOCAL_BASE_IMAGE=$BASE_IMAGE bash "$here/make_base_image.sh"
+    record debian-base "$BASE_IMAGE" $(( $(date +%s) - started ))
+  fi
 fi
 
 # Local wheel folders: find-links folders of the pip config, and the flat `files/` folder beside
@@ -70,17 +83,12 @@ common+=(--build-arg "PIP_EXTRA_ARGS=${pip_args# }")
 ca=${PIP_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}
 [[ -n $ca && -s $ca ]] && common+=(--secret "id=pipca,src=$ca")
 
-rows=$(mktemp)
-trap 'rm -f "$rows"' EXIT
 build() {  # build NAME FROM
-  local name=$1 from=$2 ref="$registry/$1:$tag" started size seconds
+  local name=$1 from=$2 ref="$registry/$1:$tag" started
   echo "build.sh: building $ref (FROM $from) with $(basename "$engine")"
-  started=$(date +%s%N)
+  started=$(date +%s)
   "$engine" build "${common[@]}" --build-arg "BASE_IMAGE=$from" -f "$here/Dockerfile.$name" -t "$ref" "$root"
-  seconds=$(( ($(date +%s%N) - started) / 1000000000 ))
-  size=$("$engine" image inspect --format '{{.Size}}' "$ref")
-  printf '%s\t%s\t%s\t%s\n' "$name" "$ref" "$seconds" "$size" >>"$rows"
-  echo "build.sh: $ref built in $seconds s, $((size / 1000000)) MB"
+  record "$name" "$ref" $(( $(date +%s) - started ))
 }
 
 build base "$BASE_IMAGE"
