@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from cal_core import tracking
+from cal_core.uris import is_remote
 from components import images
 from pipelines import container_runner, run_local
 
 #: Environment copied into every stage container (when set here): tracking, S3, and the parent run.
 PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", tracking.PARENT_ENV, tracking.TRACKING_SWITCH_ENV,
             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY")
+            "AWS_SECRET_ACCESS_KEY", *run_local.THREAD_ENV)
 
 
 def missing_images(client: Any) -> list[str]:
@@ -59,10 +60,12 @@ def missing_images(client: Any) -> list[str]:
     return missing
 
 
-def mounts(coco: Path, runs: Path, tracking_uri: str) -> dict[str, dict[str, str]]:
-    """Extra bind mounts, each at its own absolute path: the dataset (ro), runs/ and the sqlite folder (rw)."""
-    volumes = {str(coco.resolve()): {"bind": str(coco.resolve()), "mode": "ro"},
-               str(runs): {"bind": str(runs), "mode": "rw"}}
+def mounts(coco: str, runs: Path, tracking_uri: str) -> dict[str, dict[str, str]]:
+    """Extra bind mounts, each at its own absolute path: a local dataset (ro), runs/ and the sqlite folder (rw)."""
+    volumes = {str(runs): {"bind": str(runs), "mode": "rw"}}
+    if not is_remote(coco):
+        data = str(Path(coco).resolve())
+        volumes[data] = {"bind": data, "mode": "ro"}
     if tracking_uri.startswith("sqlite:///"):
         folder = Path(tracking_uri[len("sqlite:///"):]).resolve().parent
         if not folder.is_relative_to(runs):
@@ -96,11 +99,12 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     run_dir.mkdir(parents=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
     os.environ["MLFLOW_EXPERIMENT_NAME"] = args.experiment
+    for name in run_local.THREAD_ENV:  # --threads, as make run (passed into each container)
+        os.environ.setdefault(name, str(args.threads))
     started = time.monotonic()
 
     coco_root = args.coco or os.environ.get("COCO_ROOT")
-    coco = Path(coco_root) if coco_root else run_local.synthetic_set(runs, args.people, args.val_people,
-                                                                     args.data_seed)
+    coco = coco_root or str(run_local.synthetic_set(runs, args.people, args.val_people, args.data_seed))
     arguments = run_local.pipeline_arguments(args, coco)
     uri = tracking.tracking_uri()
     print(f"run {run_id}: every stage in its image ({images.registry()}/<stage>:{images.tag()}), "
@@ -108,7 +112,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
     runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
     local.init(runner=runner, pipeline_root=str(run_dir / "artifacts"), raise_on_error=True)
-    tags = {"runner": "kfp.local.DockerRunner", "data": str(coco), "images": f"{images.registry()}:{images.tag()}"}
+    tags = {"runner": "kfp.local.DockerRunner", "data": coco, "images": f"{images.registry()}:{images.tag()}"}
     with container_runner.use_container_runner(mounts(coco, runs, uri), PASS_ENV) as failures, \
             tracking.pipeline_run(run_id, args.experiment, params=arguments, tags=tags, local_dir=run_dir) as parent:
         try:
@@ -123,7 +127,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         parent.set_tags({"registry_decision": decision})
         summary = {
             "run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri, "runner": "docker",
-            "data": str(coco), "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
+            "data": coco, "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
             "run_dir": str(run_dir), "artifacts": str(evaluation.parents[2]),
             "wall_seconds": round(time.monotonic() - started, 1),
         }
