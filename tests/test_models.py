@@ -62,31 +62,29 @@ def test_num_joints_is_configurable() -> None:
     _assert_outputs(out, "offset", (64, 48), 3, 5)
 
 
-@pytest.mark.parametrize(("backbone", "head", "millions"), [
-    ("hrnet_w32", "heatmap", 28.5),   # Table 1: HRNet
-    ("hrnet_w32", "offset", 28.6),    # Table 1: UDP
-    ("hrnet_w32", "dual", 49.3),      # Table 1: CAL
-    ("hrnet_w48", "offset", 63.7),    # Table 1: UDP
-    ("hrnet_w48", "dual", 110.3),     # Table 1: CAL
-    ("resnet50", "heatmap", 34.0),    # SimpleBaseline-R50 (Xiao et al.)
+@pytest.mark.parametrize(("backbone", "head", "millions", "gflops"), [
+    ("hrnet_w32", "heatmap", 28.5, 1.8),   # Table 1: HRNet
+    ("hrnet_w32", "offset", 28.6, 1.8),    # Table 1: UDP
+    ("hrnet_w32", "dual", 49.3, 2.5),      # Table 1: CAL
+    ("hrnet_w48", "heatmap", 63.6, 3.7),   # Table 1: HRNet
+    ("hrnet_w48", "offset", 63.7, 3.7),    # Table 1: UDP
+    ("hrnet_w48", "dual", 110.3, 5.3),     # Table 1: CAL
+    ("resnet50", "heatmap", 34.0, None),   # SimpleBaseline-R50 (Xiao et al.)
 ])
-def test_parameter_counts_match_the_paper(backbone: str, head: str, millions: float) -> None:
-    with torch.device("meta"):  # shapes only: no memory, no init arithmetic
-        count = count_parameters(build_model(backbone, head)) / 1e6
-    assert count == pytest.approx(millions, rel=0.03)
+def test_params_and_gflops_match_the_paper(backbone: str, head: str, millions: float,
+                                           gflops: float | None) -> None:
+    """#Params and GFLOPs at 128x96 within 3% of Table 1.
 
-
-@pytest.mark.parametrize(("backbone", "head", "gflops"), [
-    ("hrnet_w32", "heatmap", 1.8), ("hrnet_w32", "offset", 1.8), ("hrnet_w32", "dual", 2.5),
-    ("hrnet_w48", "offset", 3.7), ("hrnet_w48", "dual", 5.3),
-])
-def test_gflops_at_128x96_match_table_1(backbone: str, head: str, gflops: float) -> None:
-    """Table 1's GFLOPs are conv multiply-adds / 1024**3 (the authors' get_model_summary)."""
+    Table 1's GFLOPs are conv multiply-adds / 1024**3 (the authors'
+    get_model_summary). Built on the meta device: shapes only, no arithmetic.
+    """
     with torch.device("meta"):
         model = build_model(backbone, head).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.empty(1, 3, 128, 96, device="meta"))
-    assert counter.get_total_flops() / 2 / 2**30 == pytest.approx(gflops, rel=0.03)
+    assert count_parameters(model) / 1e6 == pytest.approx(millions, rel=0.03)
+    if gflops is not None:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.empty(1, 3, 128, 96, device="meta"))
+        assert counter.get_total_flops() / 2 / 2**30 == pytest.approx(gflops, rel=0.03)
 
 
 def test_tiny_net_is_small() -> None:
