@@ -13,18 +13,18 @@ from components.images import image
 
 @dsl.component(base_image=image("eval"), install_kfp_package=False)
 def evaluate(onnx_model: Input[Model], shards: Input[Dataset], input_size: str, flip_test: bool,
-             detections_uri: str, experiment: str, parent_run_id: str, evaluation: Output[Artifact], metrics: Output[Metrics],
-             report: Output[Markdown]) -> None:
+             detections_uri: str, experiment: str, parent_run_id: str, evaluation: Output[Artifact],
+             metrics: Output[Metrics], report: Output[Markdown]) -> None:
     """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>`` (OKS-NMS when the shards come from detections)."""
     import json
     import shutil
     from pathlib import Path
 
-    from components.runtime import run_stage
+    from components.runtime import flag, run_stage
 
     argv = ["evaluate", "--model", f"{onnx_model.path}/keypoints.onnx", "--shards", f"{shards.path}/{input_size}",
             "--out", evaluation.path]
-    argv += ([] if flip_test else ["--no-flip"]) + (["--detections", detections_uri] if detections_uri else [])
+    argv += ([] if flip_test else ["--no-flip"]) + flag(detections_uri, "--detections")
     run_stage(argv, experiment, parent_run_id)
     doc = json.loads((Path(evaluation.path) / "metrics.json").read_text())
     for name, value in doc["metrics"].items():
