@@ -75,6 +75,16 @@ def test_loss_decreases_on_a_fixed_batch(method: str, stage: int, tiny_shards, s
     assert losses[-1] < 0.85 * losses[0], losses
 
 
+def test_fit_gmm_writes_the_mixture_statistics_and_plots(stage1) -> None:
+    _, gmm = stage1
+    folder = Path(gmm).parent
+    report = json.loads(Path(gmm).read_text())
+    assert report["n_components"] == 1 and report["selection"] == "fixed"
+    assert report["stats"]["count"] > 100 and report["radius"] > 0 and set(report["bic"]) == {"1", "2", "3"}
+    assert all((folder / name).stat().st_size > 1000 for name in ("displacements.png", "mask.png"))
+    assert (folder / "mlflow-offline.jsonl").is_file()
+
+
 def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tmp_path: Path) -> None:
     s1, gmm = stage1
     first = checkpoint.load(s1)
