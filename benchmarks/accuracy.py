@@ -54,6 +54,7 @@ class Budget:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line settings; ``--quick`` shrinks data and epochs to a smoke run."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: proves the script works")
     parser.add_argument("--train-people", type=int, default=4000, help="synthetic training people")
@@ -218,6 +219,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table(s), write ``benchmarks/results/<name>.json``."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("CAL_POSE_TRACKING", "off")  # timings without MLflow round trips

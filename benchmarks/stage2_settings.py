@@ -39,6 +39,7 @@ VARIANTS: tuple[tuple[str, float, str], ...] = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line settings; ``--quick`` shrinks data and epochs to a smoke run."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stage2_settings", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", default="64x48")
@@ -104,6 +105,7 @@ def _ap(model: str, val_uri: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table(s), write ``benchmarks/results/<name>.json``."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("CAL_POSE_TRACKING", "off")

@@ -32,6 +32,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
+        """True when several processes train together (torchrun)."""
         return self.world_size > 1
 
     @property
@@ -110,10 +111,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's permutation and how many of this rank's batches to skip."""
         self.epoch, self.skip = epoch, skip
 
     @property
     def batches_per_epoch(self) -> int:
+        """Batches every rank runs per epoch: ``ceil(ceil(N / W) / B)``."""
         largest = -(-self.num_samples // self.world_size)
         return -(-largest // self.batch_size)
 
