@@ -444,23 +444,23 @@ def _log_file(tracker: tracking.Tracker, uri: str, artifact_path: str) -> None:
 
 
 def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
-    """Epochs from where the session stands to the end (or --max-steps)."""
+    """Epochs from where the session stands to the end (or --max-steps, possibly mid-epoch)."""
     while s.epoch < s.config.epochs and not _done(s):
         metrics = train_epoch(s, tracker)
-        if _done(s) and s.epoch_step < _batches_per_epoch(s):
-            _save_last(s)
-            break
-        s.epoch, s.epoch_step = s.epoch + 1, 0
-        s.scheduler.step()
-        due = s.config.val_shards and s.config.val_every and (
-            s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
-        if due and s.ctx.is_main:
-            metrics.update(validate(s))
+        finished = s.epoch_step >= _batches_per_epoch(s)
+        if finished:
+            s.epoch, s.epoch_step = s.epoch + 1, 0
+            s.scheduler.step()
+            due = s.config.val_shards and s.config.val_every and (
+                s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
+            if due and s.ctx.is_main:
+                metrics.update(validate(s))
         _save_last(s)
-        log.info("epoch %d/%d: %s", s.epoch, s.config.epochs,
+        log.info("epoch %d/%d%s: %s", s.epoch + (0 if finished else 1), s.config.epochs,
+                 "" if finished else f" (stopped after batch {s.epoch_step})",
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if tracker is not None:
-            tracker.log_metrics({**metrics, "epoch": s.epoch}, step=s.step)
+            tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / _batches_per_epoch(s)}, step=s.step)
 
 
 def train(config: TrainConfig) -> str:
