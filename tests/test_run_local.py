@@ -65,6 +65,7 @@ def check_pycocotools_ap(evaluation: Path, summary: dict) -> None:
 
     doc = json.loads((evaluation / "metrics.json").read_text())
     results = json.loads((evaluation / "results.json").read_text())
+    assert len(results) == doc["counts"]["results"] > 0, "no keypoint results were scored"
     val_manifests = [m for m in Path(summary["artifacts"]).glob("downsample*/shards/64x48/manifest.json")
                      if json.loads(m.read_text())["split"] == "val"]
     gt = val_manifests[0].with_name("annotations.json")
