@@ -284,6 +284,23 @@ def start_run(name: str, experiment: str | None = None, params: Mapping[str, Any
     return tracker
 
 
+def attach_run(run_id: str, name: str = "pipeline", local_dir: str | Path | None = None) -> Tracker:
+    """A :class:`Tracker` on an existing run, e.g. the pipeline's parent run opened by another task.
+
+    In a cluster the parent run is created by the pipeline's first task and every
+    stage runs in its own pod, so the last task needs this to log the pipeline's
+    headline metrics and close the run. Unreachable MLflow -> offline file, as always.
+    """
+    tracker = Tracker(name, local_dir)
+    try:
+        tracker._client = _make_client(tracking_uri())
+        tracker.run_id = tracker._client.get_run(run_id).info.run_id
+    except Exception as exc:  # noqa: BLE001 - tracking must never kill the stage
+        tracker._client = None
+        tracker._offline("attach", {"run_id": run_id}, reason=exc)
+    return tracker
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str | None = None, run_name: str | None = None,
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,

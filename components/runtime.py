@@ -28,6 +28,30 @@ def run_stage(argv: list[str], experiment: str, parent_run_id: str) -> None:
         raise RuntimeError(f"`cal-pose {argv[0]}` failed with exit code {code}")
 
 
+def pipeline_opened_parent_run() -> bool:
+    """True where the parent run was opened by the pipeline's own first task (a cluster run).
+
+    ``make run`` opens the parent run in its own process and exports
+    :data:`cal_core.tracking.PARENT_ENV` to every task (and closes the run
+    itself); in a cluster no task inherits it. Call this before :func:`run_stage`,
+    which sets that variable.
+    """
+    return not os.environ.get(tracking.PARENT_ENV)
+
+
+def finish_pipeline_run(parent_run_id: str, metrics_path: str) -> None:
+    """Log the evaluation's headline metrics on the pipeline's parent run and mark it FINISHED."""
+    import json
+    from pathlib import Path
+
+    if not parent_run_id:
+        return
+    doc = json.loads(Path(metrics_path).read_text())
+    parent = tracking.attach_run(parent_run_id)
+    parent.log_metrics(tracking.finite_metrics(doc.get("metrics", {})))
+    parent.end("FINISHED")
+
+
 def flag(value: str, name: str) -> list[str]:
     """``[name, value]`` when ``value`` is set, else ``[]`` (optional CLI flags from pipeline strings)."""
     return [name, value] if value else []

@@ -134,3 +134,23 @@ def test_tracking_off_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_finite_metrics_keeps_only_numbers() -> None:
     assert tracking.finite_metrics({"a": 1, "b": float("nan"), "c": "x", "d": True, "e": 2.5}) == {
         "a": 1.0, "e": 2.5}
+
+
+def test_attach_run_logs_to_and_closes_a_run_opened_elsewhere(sqlite_uri: str) -> None:
+    """The cluster pipeline's last task closes the parent run that its first task opened."""
+    opened = tracking.start_run("pipeline demo", "attach-exp")
+    assert opened.run_id
+    attached = tracking.attach_run(opened.run_id)
+    attached.log_metrics({"AP": 0.25})
+    attached.end("FINISHED")
+    run = MlflowClient(tracking_uri=sqlite_uri).get_run(opened.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["AP"] == 0.25
+
+
+def test_attach_run_to_an_unknown_id_goes_offline(sqlite_uri: str, tmp_path: Path) -> None:
+    attached = tracking.attach_run("0123456789abcdef", local_dir=tmp_path / "off")
+    assert not attached.online
+    attached.log_metrics({"AP": 0.5})
+    kinds = [json.loads(line)["kind"] for line in attached.offline_path.read_text().splitlines()]
+    assert kinds == ["attach", "metrics"]
