@@ -112,7 +112,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
     runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
     local.init(runner=runner, pipeline_root=str(run_dir / "artifacts"), raise_on_error=True)
-    tags = {"runner": "kfp.local.DockerRunner", "data": coco, "images": f"{images.registry()}:{images.tag()}"}
+    tags = {"runner": "kfp.local.DockerRunner", "data": coco, "images": f"{images.registry()}/<stage>:{images.tag()}"}
     with container_runner.use_container_runner(mounts(coco, runs, uri), PASS_ENV) as failures, \
             tracking.pipeline_run(run_id, args.experiment, params=arguments, tags=tags, local_dir=run_dir) as parent:
         try:
