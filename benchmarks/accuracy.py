@@ -18,10 +18,12 @@ through :mod:`cal_core.evaluate`. Shards are cached between runs in
     .venv/bin/python -m benchmarks.accuracy            # the full run (sized for ~25-30 min on 2 quiet cores)
     .venv/bin/python -m benchmarks.accuracy --quick    # a smoke run (~2-3 min)
 
-Budget arithmetic for the full run (tiny net, notes/toolchain.md: ~1400
-samples/s at 64x48 and ~410 at 128x96 on 2 threads; here one thread trains
-while one loader worker decodes and augments): 4000 people x 30 epochs at
-64x48 and x 8 epochs at 128x96, for 3 trained methods x 2 seeds.
+Budget arithmetic for the full run: one thread trains while one loader worker
+decodes and augments; the training loop measured ~320 samples/s at 64x48 on
+the (loaded) 2-core machine, so assume ~450/s at 64x48 and ~130/s at 128x96
+when quiet. 3000 people x 16 epochs at 64x48 (~110 s per run) and x 5 epochs
+at 128x96 (~115 s per run), 3 trained methods x 2 seeds, plus data, fit-gmm
+and evaluation: ~25 min.
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line settings; ``--quick`` shrinks data and epochs to a smoke run."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: proves the script works")
-    parser.add_argument("--train-people", type=int, default=4000, help="synthetic training people")
+    parser.add_argument("--train-people", type=int, default=3000, help="synthetic training people")
     parser.add_argument("--val-people", type=int, default=500, help="synthetic validation people")
     parser.add_argument("--data-seed", type=int, default=2024)
     parser.add_argument("--seeds", default="0,1", help="training seeds")
     parser.add_argument("--sizes", default=",".join(SIZES))
-    parser.add_argument("--epochs", default="64x48:30,128x96:8", help="epochs per input size (same for every method)")
-    parser.add_argument("--stage2-epochs", default="64x48:5,128x96:1", help="CAL stage-2 share of those epochs")
+    parser.add_argument("--epochs", default="64x48:16,128x96:5", help="epochs per input size (same for every method)")
+    parser.add_argument("--stage2-epochs", default="64x48:3,128x96:1", help="CAL stage-2 share of those epochs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one core trains, one loads)")
