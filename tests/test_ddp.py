@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cal_core import checkpoint
-from cal_core.distributed import EpochBatchSampler
+from cal_core.distributed import EpochBatchSampler, pick_device
 from tests.train_fixtures import build_tiny_shards
 
 
@@ -47,6 +47,14 @@ def test_skip_resumes_inside_an_epoch() -> None:
     sampler.set_epoch(4, skip=2)
     assert list(sampler) == full[2:]
     assert len(sampler) == len(full) - 2
+
+
+def test_device_choice() -> None:
+    assert pick_device("cpu", 0) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device("auto", 0) == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            pick_device("cuda", 0)
 
 
 def test_bad_arguments_are_rejected() -> None:

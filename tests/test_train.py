@@ -85,6 +85,18 @@ def test_fit_gmm_writes_the_mixture_statistics_and_plots(stage1) -> None:
     assert (folder / "mlflow-offline.jsonl").is_file()
 
 
+def test_amp_uses_bf16_autocast_without_a_scaler_on_cpu(tiny_shards, tmp_path: Path) -> None:
+    from cal_core.train import amp_dtype_for
+
+    assert amp_dtype_for(torch.device("cpu"), amp=False) is None
+    assert amp_dtype_for(torch.device("cpu"), amp=True) == torch.bfloat16
+    session = build_session(_config(tiny_shards, tmp_path, method="udp", amp=True), CPU)
+    assert session.amp_dtype == torch.bfloat16 and not session.scaler.is_enabled()
+    batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
+    losses = [float(train_step(session, batch)[0]) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tmp_path: Path) -> None:
     s1, gmm = stage1
     first = checkpoint.load(s1)
