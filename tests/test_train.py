@@ -16,6 +16,7 @@ from cal_core.distributed import DistContext
 from cal_core.models import build_model
 from cal_core.stage2 import offset_only_parameters
 from cal_core.train import NonFiniteLossError, build_session, train, train_step
+from tests.s3server import s3_server  # noqa: F401 - pytest fixture
 from tests.train_fixtures import build_tiny_shards
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -196,6 +197,14 @@ def test_loader_workers_forked_after_validation_do_not_hang(tiny_shards, tmp_pat
     model = train(_config(tiny_shards, tmp_path, method="udp", workers=1, val_shards=tiny_shards["val"],
                           val_every=1, epochs=2))
     assert checkpoint.load(model)["epoch"] == 2
+
+
+def test_checkpoints_go_to_s3_and_a_run_resumes_from_there(tiny_shards, s3_server) -> None:  # noqa: F811
+    out = f"s3://{s3_server.bucket}/runs/udp"
+    train(_config(tiny_shards, out, method="udp", epochs=2, max_steps=3))
+    assert checkpoint.load(f"{out}/{checkpoint.LAST}")["step"] == 3
+    final = checkpoint.load(train(_config(tiny_shards, out, method="udp", epochs=2, resume=True)))
+    assert final["step"] == 10 and final["epoch"] == 2
 
 
 def _closed_port() -> int:
