@@ -41,7 +41,7 @@ def _quiet_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def _config(shards: dict[str, str], out: Path, **kw) -> TrainConfig:
     base = {"shards": shards["train"], "out": str(out), "method": "cal", "epochs": 1, "batch_size": 8,
-            "workers": 0, "val_every": 0, "progress": False, "seed": 0, "lr_steps": ()}
+            "workers": 0, "val_every": 0, "progress": False, "seed": 0, "lr_steps": (), "threads": 1}
     return TrainConfig(**{**base, **kw})
 
 
@@ -239,6 +239,17 @@ def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path
         checkpoint.load(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError):
         checkpoint.load(str(tmp_path / "missing.pt"))
+
+
+def test_cpu_threads_leave_the_loader_workers_their_cores() -> None:
+    import os
+
+    from cal_core.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(3, 2) == 3
+    assert cpu_threads(0, 0) == cores
+    assert cpu_threads(0, cores + 4) == 1
 
 
 def test_bad_settings_are_rejected(tmp_path: Path) -> None:
