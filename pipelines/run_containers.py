@@ -28,11 +28,8 @@ How the containers see what they need:
 """
 
 import argparse
-import json
 import os
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,48 +88,24 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     if absent:
         raise RuntimeError(f"stage images missing: {', '.join(absent)}; build them with `make images`")
 
-    runs = Path(args.runs_dir).resolve()
-    run_id = args.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.method}-{args.input_size}-containers"
-    run_dir = runs / run_id
-    if run_dir.exists():
-        raise FileExistsError(f"{run_dir} exists; pick another --run-id")
-    run_dir.mkdir(parents=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = args.experiment
-    for name in run_local.THREAD_ENV:  # --threads, as make run (passed into each container)
-        os.environ.setdefault(name, str(args.threads))
-    started = time.monotonic()
-
-    coco_root = args.coco or os.environ.get("COCO_ROOT")
-    coco = coco_root or str(run_local.synthetic_set(runs, args.people, args.val_people, args.data_seed))
-    arguments = run_local.pipeline_arguments(args, coco)
+    setup = run_local.prepare_run(args, suffix="-containers")
     uri = tracking.tracking_uri()
-    print(f"run {run_id}: every stage in its image ({images.registry()}/<stage>:{images.tag()}), "
-          f"artifacts in {run_dir}, MLflow at {uri}", flush=True)
+    print(f"run {setup.run_id}: every stage in its image ({images.registry()}/<stage>:{images.tag()}), "
+          f"artifacts in {setup.run_dir}, MLflow at {uri}", flush=True)
 
     runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
-    local.init(runner=runner, pipeline_root=str(run_dir / "artifacts"), raise_on_error=True)
-    tags = {"runner": "kfp.local.DockerRunner", "data": coco, "images": f"{images.registry()}/<stage>:{images.tag()}"}
-    with container_runner.use_container_runner(mounts(coco, runs, uri), PASS_ENV) as failures, \
-            tracking.pipeline_run(run_id, args.experiment, params=arguments, tags=tags, local_dir=run_dir) as parent:
+    local.init(runner=runner, pipeline_root=str(setup.run_dir / "artifacts"), raise_on_error=True)
+    tags = {"runner": "kfp.local.DockerRunner", "data": setup.coco, "images": f"{images.registry()}/<stage>:{images.tag()}"}
+    with container_runner.use_container_runner(mounts(setup.coco, setup.runs, uri), PASS_ENV) as failures, \
+            tracking.pipeline_run(setup.run_id, args.experiment, params=setup.arguments, tags=tags,
+                                  local_dir=setup.run_dir) as parent:
         try:
-            decision = cal_pipeline(**arguments).output
+            decision = cal_pipeline(**setup.arguments).output
         except RuntimeError as error:
             if failures:
                 raise container_runner.PipelineFailed(str(error), failures) from error
             raise
-        evaluation = run_local.find_one(run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
-        doc = json.loads(evaluation.read_text())
-        parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
-        parent.set_tags({"registry_decision": decision})
-        summary = {
-            "run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": uri, "runner": "docker",
-            "data": coco, "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
-            "run_dir": str(run_dir), "artifacts": str(evaluation.parents[2]),
-            "wall_seconds": round(time.monotonic() - started, 1),
-        }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+        return run_local.finish_run(setup, parent, decision, {"runner": "docker"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,22 @@ def ap_table(run_id: str, metrics: dict[str, float]) -> str:
     return "\n".join((head, rule, row))
 
 
-def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the DAG once; returns the summary also written to ``runs/<run-id>/summary.json``."""
-    from kfp import local
+@dataclass(frozen=True)
+class RunSetup:
+    """One pipeline run's folder, data and pipeline arguments (shared by the in-process and container runners)."""
 
-    from pipelines.cal_pipeline import cal_pipeline
+    run_id: str
+    run_dir: Path
+    runs: Path
+    coco: str
+    arguments: dict[str, Any]
+    started: float
 
+
+def prepare_run(args: argparse.Namespace, suffix: str = "") -> RunSetup:
+    """Create ``runs/<run-id>/``, set the tracking and thread environment the tasks inherit, resolve the data."""
     runs = Path(args.runs_dir).resolve()
-    run_id = args.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.method}-{args.input_size}"
+    run_id = args.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.method}-{args.input_size}{suffix}"
     run_dir = runs / run_id
     if run_dir.exists():
         raise FileExistsError(f"{run_dir} exists; pick another --run-id")
@@ -108,28 +117,41 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     for name in THREAD_ENV:
         os.environ.setdefault(name, str(args.threads))
     started = time.monotonic()
-
     coco_root = args.coco or os.environ.get("COCO_ROOT")
     coco = coco_root or str(synthetic_set(runs, args.people, args.val_people, args.data_seed))
-    arguments = pipeline_arguments(args, coco)
-    print(f"run {run_id}: artifacts in {run_dir}, MLflow at {tracking.tracking_uri()}", flush=True)
+    return RunSetup(run_id, run_dir, runs, coco, pipeline_arguments(args, coco), started)
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "artifacts"),
-               raise_on_error=True)
-    with tracking.pipeline_run(run_id, args.experiment, params=arguments,
-                               tags={"runner": "kfp.local", "data": coco}, local_dir=run_dir) as parent:
-        decision = cal_pipeline(**arguments).output
-        evaluation = find_one(run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
-        doc = json.loads(evaluation.read_text())
-        parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
-        parent.set_tags({"registry_decision": decision})
-        summary = {
-            "run_id": run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.tracking_uri(),
-            "data": coco, "arguments": arguments, "metrics": doc["metrics"], "registry": decision,
-            "run_dir": str(run_dir), "artifacts": str(evaluation.parents[2]), "wall_seconds": round(time.monotonic() - started, 1),
-        }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+def finish_run(setup: RunSetup, parent: tracking.Tracker, decision: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Put the evaluation's metrics on the parent run and write ``runs/<run-id>/summary.json``."""
+    evaluation = find_one(setup.run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
+    doc = json.loads(evaluation.read_text())
+    parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
+    parent.set_tags({"registry_decision": decision})
+    summary = {
+        "run_id": setup.run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.tracking_uri(), **extra,
+        "data": setup.coco, "arguments": setup.arguments, "metrics": doc["metrics"], "registry": decision,
+        "run_dir": str(setup.run_dir), "artifacts": str(evaluation.parents[2]),
+        "wall_seconds": round(time.monotonic() - setup.started, 1),
+    }
+    (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the DAG once; returns the summary also written to ``runs/<run-id>/summary.json``."""
+    from kfp import local
+
+    from pipelines.cal_pipeline import cal_pipeline
+
+    setup = prepare_run(args)
+    print(f"run {setup.run_id}: artifacts in {setup.run_dir}, MLflow at {tracking.tracking_uri()}", flush=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(setup.run_dir / "artifacts"),
+               raise_on_error=True)
+    with tracking.pipeline_run(setup.run_id, args.experiment, params=setup.arguments,
+                               tags={"runner": "kfp.local", "data": setup.coco}, local_dir=setup.run_dir) as parent:
+        decision = cal_pipeline(**setup.arguments).output
+        return finish_run(setup, parent, decision, {})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
