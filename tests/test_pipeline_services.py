@@ -4,7 +4,8 @@ The dataset is read from ``s3://`` by the downsampling tasks through the minio
 client, exactly as in a cluster; the MLflow tracking server runs on
 127.0.0.1 with a sqlite backend and its artifacts in that S3 bucket
 (``--artifacts-destination s3://...``), and the stages log through HTTP.
-Slow (a few minutes): ``make test-slow``.
+In the default suite (issue 6: the real-services run is part of CI); a few
+minutes on 2 cores.
 """
 
 import json
@@ -67,7 +68,6 @@ def mlflow_server(s3_server: S3Server, tmp_path: Path) -> Iterator[str]:  # noqa
         log.close()
 
 
-@pytest.mark.slow
 def test_pipeline_reads_s3_and_tracks_to_an_mlflow_server(s3_server, mlflow_server, tmp_path):  # noqa: F811
     from cal_core import storage
     from cal_core.cli import main as cal_pose
