@@ -353,8 +353,10 @@ def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from cal_core.data.dataset import fork_safe_opencv
     from cal_core.infer import to_image_coords
 
+    fork_safe_opencv(workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
                                                            "box_scores", "areas", "bboxes")}

@@ -162,8 +162,7 @@ def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples:
     """Un-augmented training samples; a seeded random subset when ``max_samples`` is set."""
     from torch.utils.data import DataLoader, Subset
 
-    from cal_core.data.dataset import ShardDataset
-    from cal_core.train import fork_safe_opencv
+    from cal_core.data.dataset import ShardDataset, fork_safe_opencv
 
     dataset = ShardDataset(shards, codec, train=False, seed=seed)
     if max_samples and max_samples < len(dataset):

@@ -322,21 +322,10 @@ def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
     return loss.detach(), terms
 
 
-def fork_safe_opencv(workers: int) -> None:
-    """Stop OpenCV's own thread pool before DataLoader workers are forked.
-
-    A worker forked after this process used cv2 (validation, in-process
-    downsampling) inherits a dead cv2 thread pool and hangs in its first
-    warpAffine. Per-sample crops are tiny; cv2 threads bring nothing there.
-    """
-    if workers > 0:
-        import cv2
-
-        cv2.setNumThreads(1)
-
-
 def _loader(s: Session) -> DataLoader:
     """This epoch's loader: this rank's batches of the epoch permutation, minus those already done."""
+    from cal_core.data.dataset import fork_safe_opencv
+
     sampler = distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
                                             s.ctx.world_size, s.config.seed)
     sampler.set_epoch(s.epoch, s.epoch_step)

@@ -152,6 +152,17 @@ def normalise(image_bgr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(cv2.dnn.blobFromImageWithParams(image_bgr, _BLOB)[0])
 
 
+def fork_safe_opencv(workers: int) -> None:
+    """Stop OpenCV's own thread pool before DataLoader workers are forked.
+
+    A worker forked after this process used cv2 (validation, in-process
+    downsampling) inherits a dead cv2 thread pool and hangs in its first
+    warpAffine. Per-sample crops are tiny; cv2 threads bring nothing there.
+    """
+    if workers > 0:
+        cv2.setNumThreads(1)
+
+
 class ShardDataset(Dataset):
     """Person instances of a shard set as network-ready samples (see the module docstring).
 
