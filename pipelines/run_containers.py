@@ -115,11 +115,7 @@ def run(args: argparse.Namespace) -> int:
     except container_runner.PipelineFailed as failed:
         print(f"\nFAILURE: {failed}", file=sys.stderr, flush=True)
         return 1
-    print("\nCOCO keypoint AP (pycocotools, %):\n" + run_local.ap_table(summary["run_id"], summary["metrics"]))
-    print(f"registry: {summary['registry']}")
-    print(f"wall time: {summary['wall_seconds']:.0f} s; summary: {summary['run_dir']}/summary.json")
-    if summary["tracking_uri"].startswith("sqlite:///"):
-        print(f"compare runs: .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    run_local.print_summary(summary)
     return 0
 
 

@@ -179,9 +179,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other pipeline parameter (repeatable), e.g. --param mgm_update=batch")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run, print the AP table and how to open MLflow."""
-    summary = run_pipeline(args)
+def print_summary(summary: dict[str, Any]) -> None:
+    """The end-of-run report: AP table, registry decision, wall time and how to open MLflow."""
     print("\nCOCO keypoint AP (pycocotools, %):\n" + ap_table(summary["run_id"], summary["metrics"]))
     print(f"registry: {summary['registry']}")
     print(f"wall time: {summary['wall_seconds']:.0f} s; summary: {summary['run_dir']}/summary.json")
@@ -190,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"compare runs: .venv/bin/mlflow ui --backend-store-uri {uri}")
     else:
         print(f"compare runs: open {uri} (experiment {summary['arguments']['mlflow_experiment']!r})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run, print the AP table and how to open MLflow."""
+    print_summary(run_pipeline(args))
     return 0
 
 
