@@ -2,9 +2,11 @@
 
 Builds a synthetic people set (``cal_core.data.synthetic.generate``), turns it
 into shards at 64x48 and 128x96 with the real downsampling stage
-(``cal_core.data.downsample.downsample``), then reads training samples from ``ShardDataset(train=True)``
-in one process, in a random order (as an epoch permutation would), for the
-``cal``, ``heatmap`` and ``udp`` codecs.
+(``cal_core.data.downsample.downsample``), then reads training batches as a
+DataLoader worker builds them: ``ShardDataset(train=True)[i]`` for each index
+of a batch, in a random order (as an epoch permutation would), then
+``ShardDataset.collate`` (stacking + the codec's targets for the whole batch),
+for the ``cal``, ``heatmap`` and ``udp`` codecs.
 
 ``samples_per_s_per_core`` is samples per CPU-second of this process
 (``time.process_time``), so other load on a shared machine does not deflate
@@ -12,8 +14,9 @@ it; ``wall_samples_per_s`` is the plain wall-clock rate for comparison. The
 rates and stage times are the best of 3 rounds (1 with ``--quick``). The
 ``*_us`` columns split one sample's CPU time into its stages (JPEG decode,
 drawing + applying the augmentation affine, target encoding, normalisation),
-timed separately over the same samples, to show what bounds the rate; the
-``other_us`` column is the rest of ``__getitem__`` (bookkeeping, tensors).
+timed separately over the same samples (the encode per batch of ``--batch``,
+divided by its size), to show what bounds the rate; the ``other_us`` column
+is the rest (bookkeeping, tensors, stacking).
 Target: at least 1,500 samples/s per core at 128x96 with ``cal`` targets.
 
     .venv/bin/python -m benchmarks.loader [--quick]
@@ -50,19 +53,23 @@ def build_shards(root: Path, people: int) -> Path:
     return root / "shards"
 
 
-def _cpu_rate(dataset: ShardDataset, order: list[int], rounds: int) -> tuple[float, float]:
-    """Best (samples per CPU-second, samples per wall-second) of ``dataset[i]`` over ``order``, of ``rounds``."""
+def _batches(order: list[int], batch: int) -> list[list[int]]:
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def _cpu_rate(dataset: ShardDataset, order: list[int], rounds: int, batch: int) -> tuple[float, float]:
+    """Best (samples per CPU-second, samples per wall-second) of collated batches over ``order``, of ``rounds``."""
     best_cpu, best_wall = 0.0, 0.0
     for _ in range(rounds):
         cpu, wall = time.process_time(), time.perf_counter()
-        for index in order:
-            dataset[index]
+        for indices in _batches(order, batch):
+            dataset.collate([dataset[index] for index in indices])
         best_cpu = max(best_cpu, len(order) / (time.process_time() - cpu))
         best_wall = max(best_wall, len(order) / (time.perf_counter() - wall))
     return best_cpu, best_wall
 
 
-def _stage_us(dataset: ShardDataset, order: list[int], rounds: int) -> dict[str, float]:
+def _stage_us(dataset: ShardDataset, order: list[int], rounds: int, batch: int) -> dict[str, float]:
     """CPU microseconds per sample of each loader stage over all of ``order`` (best of ``rounds``)."""
     rows = []
     for index in order:
@@ -93,8 +100,9 @@ def _stage_us(dataset: ShardDataset, order: list[int], rounds: int) -> dict[str,
             warped.append(warp_sample(crop, kp[:, :2], kp[:, 2], matrix, flip, dataset.input_size))
 
     def encode() -> None:
-        for _, points, vis in warped:
-            dataset.codec.encode(points, vis)
+        for start in range(0, len(warped), batch):
+            chunk = warped[start : start + batch]
+            dataset.codec.encode(np.stack([p for _, p, _ in chunk]), np.stack([v for _, _, v in chunk]))
 
     def norm() -> None:
         for image, _, _ in warped:
@@ -117,15 +125,15 @@ def _stage_us(dataset: ShardDataset, order: list[int], rounds: int) -> dict[str,
 
 
 def measure(
-    shards: Path, size: str, codec_name: str, samples: int, rounds: int, seed: int = 0
+    shards: Path, size: str, codec_name: str, samples: int, rounds: int, batch: int, seed: int = 0
 ) -> dict[str, Any]:
     """One row: rates and stage split for ``codec_name`` targets at ``size``."""
     dataset = ShardDataset(str(shards / size), build_codec(codec_name, size), train=True, seed=seed)
     rng = random.Random(seed)
     order = [rng.randrange(len(dataset)) for _ in range(samples)]
-    _cpu_rate(dataset, order[: max(20, samples // 20)], 1)  # warm-up: caches, lazy imports
-    per_core, wall = _cpu_rate(dataset, order, rounds)
-    stages = _stage_us(dataset, order, rounds)
+    _cpu_rate(dataset, order[: max(20, samples // 20)], 1, batch)  # warm-up: caches, lazy imports
+    per_core, wall = _cpu_rate(dataset, order, rounds, batch)
+    stages = _stage_us(dataset, order, rounds, batch)
     other = max(0.0, 1e6 / per_core - sum(stages.values()))
     return {
         "input_size": size,
@@ -135,6 +143,7 @@ def measure(
         **{k: round(v, 1) for k, v in stages.items()},
         "other_us": round(other, 1),
         "samples": samples,
+        "batch": batch,
         "rounds": rounds,
         "instances": len(dataset),
     }
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--people", type=int, default=None, help="synthetic people to shard (default 1500)")
     parser.add_argument("--samples", type=int, default=None, help="samples timed per row (default 3000)")
+    parser.add_argument("--batch", type=int, default=32, help="samples per collated batch (default 32)")
     args = parser.parse_args(argv)
     people = args.people or (60 if args.quick else 1500)
     samples = args.samples or (200 if args.quick else 3000)
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)  # one core: no OpenCV worker threads either
     with tempfile.TemporaryDirectory(prefix="cal-pose-loader-") as tmp:
         shards = build_shards(Path(tmp), people)
-        rows = [measure(shards, size, name, samples, rounds) for size in SIZES for name in CODECS]
+        rows = [measure(shards, size, name, samples, rounds, args.batch) for size in SIZES for name in CODECS]
     print_table(rows)
     path = write_results(
         "loader",

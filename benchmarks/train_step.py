@@ -50,7 +50,6 @@ def _batch(model_head: str, batch: int, size: tuple[int, int], device: torch.dev
     x = torch.randn(batch, 3, *size, generator=gen)
     targets = {"heatmap": torch.rand(batch, k, h, w, generator=gen)}
     if model_head != "heatmap":
-        targets["disk"] = (targets["heatmap"] > 0.8).float()
         targets["offset"] = torch.randn(batch, k, 2, h, w, generator=gen)
     weights = torch.ones(batch, k)
     return x.to(device), {n: t.to(device) for n, t in targets.items()}, weights.to(device)

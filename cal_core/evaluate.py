@@ -350,14 +350,13 @@ def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, 
 def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64, workers: int = 0,
             overlays: int = 0) -> Collected:
     """Run ``predictor`` over an eval-mode ShardDataset; keypoints back in image pixels."""
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from cal_core.data.dataset import fork_safe_opencv
+    from cal_core.data.dataset import fork_safe_opencv, make_loader
     from cal_core.infer import to_image_coords
 
     fork_safe_opencv(workers)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
                                                            "box_scores", "areas", "bboxes")}
     shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []

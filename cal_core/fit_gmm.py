@@ -160,16 +160,16 @@ def collect_displacements(model: torch.nn.Module, loader: Any, device: torch.dev
 
 def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples: int, seed: int) -> Any:
     """Un-augmented training samples; a seeded random subset when ``max_samples`` is set."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
-    from cal_core.data.dataset import ShardDataset, fork_safe_opencv
+    from cal_core.data.dataset import ShardDataset, fork_safe_opencv, make_loader
 
     dataset = ShardDataset(shards, codec, train=False, seed=seed)
     if max_samples and max_samples < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_samples]
         dataset = Subset(dataset, sorted(order.tolist()))
     fork_safe_opencv(workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = None, max_components: int = 3,

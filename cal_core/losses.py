@@ -117,7 +117,7 @@ def _udp_method(alpha: float) -> LossFn:
     def loss(outputs: dict, targets: dict, weights: torch.Tensor, mgm: torch.Tensor | None = None):
         if mgm is not None:
             raise ValueError("the udp loss (Eq. 8) takes no MGM mask")
-        logits, disk, w = _heatmap_inputs(outputs, {"heatmap": targets["disk"]}, weights)
+        logits, disk, w = _heatmap_inputs(outputs, targets, weights)  # the udp heatmap target is B
         pred_o, target_o = _offset_inputs(outputs, targets)
         heat = bce_disk_loss(logits, disk, w)
         off = masked_offset_loss(pred_o, target_o, disk, w, smooth=True)

@@ -324,7 +324,7 @@ def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
 
 def _loader(s: Session) -> DataLoader:
     """This epoch's loader: this rank's batches of the epoch permutation, minus those already done."""
-    from cal_core.data.dataset import fork_safe_opencv
+    from cal_core.data.dataset import fork_safe_opencv, make_loader
 
     sampler = distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
                                             s.ctx.world_size, s.config.seed)
@@ -333,8 +333,8 @@ def _loader(s: Session) -> DataLoader:
         s.dataset.set_epoch(s.epoch)
     generator = torch.Generator().manual_seed(s.config.seed * 7919 + s.epoch)
     fork_safe_opencv(s.config.workers)
-    return DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,
-                      pin_memory=s.ctx.device.type == "cuda", persistent_workers=False)
+    return make_loader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,
+                       pin_memory=s.ctx.device.type == "cuda", persistent_workers=False)
 
 
 def _progress(s: Session, loader: DataLoader) -> Iterator[Any]:

@@ -22,7 +22,8 @@ def test_gaussian_weighted_disk_by_hand() -> None:
     assert abs(g[7, 7] - math.exp(-12.3125 / 8)) < 1e-7
     # (x=8, y=7): 20.3125 > 16: outside the disk, so 0 although C = exp(-20.3125 / 8) = 0.079 > 0
     assert g[7, 8] == 0.0
-    np.testing.assert_array_equal(g > 0, targets["disk"][3] > 0)
+    ys, xs = np.mgrid[0:16, 0:12]
+    np.testing.assert_array_equal(g > 0, (xs - 3.5) ** 2 + (ys - 7.25) ** 2 <= 16)  # support = the disk B
     assert weights.sum() == 1.0 and not targets["heatmap"][:3].any()
 
 

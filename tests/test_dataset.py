@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cal_core.codecs import build_codec
 from cal_core.data import synthetic
-from cal_core.data.dataset import ShardDataset, ShardFormatError
+from cal_core.data.dataset import ShardDataset, ShardFormatError, make_loader
 from cal_core.distributed import EpochBatchSampler
 from cal_core.geometry import box_to_center_size, invert_affine, warp_matrix
 from cal_core.models import MEAN, STD
@@ -109,13 +109,15 @@ def test_eval_sample_fields_and_keypoints_map_back_to_the_image(coco_root: Path,
     for i in range(len(dataset)):
         sample = dataset[i]
         assert sample["image"].shape == (3, *INPUT) and sample["image"].dtype == torch.float32
-        assert set(sample["targets"]) == {"heatmap", "offset", "disk"}
-        assert sample["targets"]["offset"].shape == (17, 2, *codec.heatmap_size)
+        batch = dataset.collate([sample])
+        assert set(batch["targets"]) == {"heatmap", "offset"}
+        assert batch["targets"]["offset"].shape == (1, 17, 2, *codec.heatmap_size)
         meta = sample["meta"]
         truth = original[meta["ann_id"]]
-        input_px = sample["joints_hm"].numpy() * codec.stride
+        input_px = batch["joints_hm"][0].numpy() * codec.stride
+        np.testing.assert_allclose(input_px, sample["keypoints"].numpy(), rtol=1e-6)
         image_px = input_px @ meta["input_to_image"].numpy()[:, :2].T + meta["input_to_image"].numpy()[:, 2]
-        labelled = sample["weights"].numpy() > 0
+        labelled = batch["weights"][0].numpy() > 0
         assert not labelled[truth[:, 2] == 0].any()
         np.testing.assert_allclose(image_px[labelled], truth[labelled, :2], atol=1e-3)
         checked += labelled.sum()
@@ -143,7 +145,7 @@ def test_train_augmentation_is_seeded_by_epoch_and_index(shard_set: Path) -> Non
     dataset = ShardDataset(str(shard_set), build_codec("udp", INPUT), train=True, seed=1)
     first, again = dataset[3], dataset[3]
     assert "meta" not in first
-    assert torch.equal(first["image"], again["image"]) and torch.equal(first["joints_hm"], again["joints_hm"])
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["keypoints"], again["keypoints"])
     dataset.set_epoch(1)
     assert not torch.equal(dataset[3]["image"], first["image"])
 
@@ -156,12 +158,32 @@ def test_each_sample_once_per_epoch_over_two_ranks_and_two_workers(shard_set: Pa
         for rank in (0, 1):
             sampler = EpochBatchSampler(len(dataset), 4, rank, 2, seed=2)
             sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)
+            loader = make_loader(dataset, batch_sampler=sampler, num_workers=2)
             batches = [batch["index"].tolist() for batch in loader]
             first_batches.append(batches[0])
             seen += [i for batch in batches for i in batch]
         assert sorted(seen) == list(range(len(dataset)))
         assert len({i // 12 for batch in first_batches for i in batch}) > 1  # batches mix shards
+
+
+def test_collate_encodes_the_batch_like_single_samples(shard_set: Path) -> None:
+    dataset = ShardDataset(str(shard_set), build_codec("cal", INPUT), train=True, seed=4)
+    samples = [dataset[i] for i in range(6)]
+    batch = next(iter(make_loader(dataset, batch_size=6)))
+    assert batch["targets"]["heatmap"].shape == (6, 17, *dataset.codec.heatmap_size)
+    for i, sample in enumerate(samples):
+        targets, weights = dataset.codec.encode(sample["keypoints"].numpy(), sample["visibility"].numpy())
+        np.testing.assert_array_equal(batch["weights"][i].numpy(), weights)
+        for name, value in targets.items():
+            np.testing.assert_array_equal(batch["targets"][name][i].numpy(), value)
+
+
+def test_make_loader_reaches_through_subsets_and_rejects_other_datasets(shard_set: Path) -> None:
+    dataset = ShardDataset(str(shard_set), build_codec("udp", INPUT), train=False)
+    batch = next(iter(make_loader(Subset(Subset(dataset, [5, 1, 2]), [0, 2]), batch_size=2)))
+    assert batch["index"].tolist() == [5, 2] and batch["targets"]["offset"].shape[0] == 2
+    with pytest.raises(TypeError, match="ShardDataset"):
+        make_loader(list(range(3)))
 
 
 def test_default_collate_batches_eval_meta(shard_set: Path) -> None:
@@ -210,8 +232,9 @@ def test_reads_the_real_downsampling_stage_output(coco_root: Path, tmp_path: Pat
     for i in range(len(dataset)):
         sample = dataset[i]
         truth, to_image = original[sample["meta"]["ann_id"]], sample["meta"]["input_to_image"].numpy()
-        image_px = (sample["joints_hm"].numpy() * codec.stride) @ to_image[:, :2].T + to_image[:, 2]
-        labelled = sample["weights"].numpy() > 0
+        image_px = sample["keypoints"].numpy() @ to_image[:, :2].T + to_image[:, 2]
+        labelled = codec.joint_weights(codec.input_to_heatmap(sample["keypoints"].numpy()),
+                                       sample["visibility"].numpy()) > 0
         np.testing.assert_allclose(image_px[labelled], truth[labelled, :2], atol=1e-2)
     train = ShardDataset(str(tmp_path / "64x48"), codec, train=True)
     assert train[0]["image"].shape == (3, *INPUT)

@@ -40,8 +40,7 @@ def test_eq8_udp_by_hand():
     # = 0.40625. Eq. 8: 1.5 ln 2 + 0.7 * 0.40625.
     outputs = {"heatmap": t([[[[0.0, math.log(3.0)]]]]),
                "offset": t([[[[[0.5, 5.0]], [[3.0, 0.0]]]]])}
-    targets = {"heatmap": t([[[[1.0, 0.2]]]]), "disk": t([[[[1.0, 0.0]]]]),
-               "offset": t([[[[[0.0, 0.0]], [[1.0, 0.0]]]]])}
+    targets = {"heatmap": t([[[[1.0, 0.0]]]]), "offset": t([[[[[0.0, 0.0]], [[1.0, 0.0]]]]])}
     total, terms = build_loss("udp")(outputs, targets, t([[1.0]]))
     assert terms["heatmap"].item() == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
     assert terms["offset"].item() == pytest.approx(0.40625, abs=1e-7)
@@ -52,8 +51,7 @@ def _cal_example():
     # G = [1, 0.5], prediction [0.8, 0.5]: L2 mean = (0.04 + 0) / 2 = 0.02.
     # Offsets, x: pred [1, 3], gt [0, 1] -> |.| = [1, 2]; y: pred [0, -1], gt [0, 0] -> [0, 1].
     outputs = {"heatmap": t([[[[0.8, 0.5]]]]), "offset": t([[[[[1.0, 3.0]], [[0.0, -1.0]]]]])}
-    targets = {"heatmap": t([[[[1.0, 0.5]]]]), "disk": t([[[[1.0, 1.0]]]]),
-               "offset": t([[[[[0.0, 1.0]], [[0.0, 0.0]]]]])}
+    targets = {"heatmap": t([[[[1.0, 0.5]]]]), "offset": t([[[[[0.0, 1.0]], [[0.0, 0.0]]]]])}
     return outputs, targets
 
 
@@ -84,7 +82,6 @@ def _random_batch(n: int = 3, k: int = 4, h: int = 5, w: int = 4, seed: int = 0)
     outputs = {"heatmap": torch.randn(n, k, h, w, generator=g, requires_grad=True),
                "offset": torch.randn(n, k, 2, h, w, generator=g, requires_grad=True)}
     targets = {"heatmap": torch.rand(n, k, h, w, generator=g),
-               "disk": (torch.rand(n, k, h, w, generator=g) > 0.5).float(),
                "offset": torch.randn(n, k, 2, h, w, generator=g)}
     return outputs, targets
 
@@ -129,7 +126,7 @@ def test_matches_independent_per_joint_loop(method, stage):
             hm, off = outputs["heatmap"][i, k].detach(), outputs["offset"][i, k].detach()
             if method == "udp":
                 p = torch.sigmoid(hm)
-                b = targets["disk"][i, k]
+                b = targets["heatmap"][i, k]  # the udp target is the disk B (soft here: same formula)
                 heat = (-(b * torch.log(p) + (1 - b) * torch.log(1 - p))).mean()
                 e = (off - targets["offset"][i, k]).abs()
                 sl1 = torch.where(e < 1, 0.5 * e**2, e - 0.5)

@@ -27,9 +27,11 @@ class CalCodec(UdpCodec):
     #: CAL regresses G with L2 (Eq. 14): the heatmap value itself is the confidence.
     logit_heatmap: ClassVar[bool] = False
 
-    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray) -> np.ndarray:
         """Eq. 10: ``G(p) = B(p) * C(p)``."""
-        return disk * self.gaussian(joints_hm, weights)
+        target = self.gaussian(joints_hm)
+        target *= disk
+        return target
 
 
 CAL_DEFAULTS: dict[tuple[int, int], CodecSettings] = {

@@ -25,9 +25,9 @@ class HeatmapCodec(Codec):
     name: ClassVar[str] = "heatmap"
 
     def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
-        """``{"heatmap": C (K, h, w)}`` per Eq. 2 and ``(K,)`` weights; unweighted joints get zero maps."""
+        """``{"heatmap": C (..., K, h, w)}`` per Eq. 2 and ``(..., K)`` weights; unweighted joints get zero maps."""
         joints_hm, weights = self._prepare(keypoints, visibility)
-        return {"heatmap": self.gaussian(joints_hm, weights).astype(np.float32, copy=False)}, weights
+        return {"heatmap": self.gaussian(joints_hm)}, weights
 
     def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax (+ quarter shift) per map, in input pixels; ``offset`` is ignored (no offset head)."""

@@ -36,21 +36,23 @@ class UdpCodec(Codec):
     #: The heatmap output is a logit map (Eq. 8 cross-entropy): scores are its sigmoid.
     logit_heatmap: ClassVar[bool] = True
 
-    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """The heatmap the network regresses: UDP uses the disk B itself (a copy, so targets never alias)."""
-        return disk.copy()
+    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray) -> np.ndarray:
+        """The heatmap the network learns: UDP uses the disk B itself (Eq. 6), as float32."""
+        return disk.astype(np.float32)
 
     def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
-        """``{"heatmap", "disk" (K, h, w), "offset" (K, 2, h, w)}`` and ``(K,)`` weights (zeros where 0)."""
+        """``{"heatmap" (..., K, h, w), "offset" (..., K, 2, h, w)}`` and ``(..., K)`` weights.
+
+        The disk B of Eq. 6 and the offsets of Eq. 7 are zero for unweighted joints.
+        """
         joints_hm, weights = self._prepare(keypoints, visibility)
-        dx, dy, d2 = self._squared_distances(joints_hm)
-        disk = ((d2 <= np.float32(self.radius**2)) & (weights[:, None, None] > 0)).astype(np.float32)
+        dx, dy = self._axis_distances(joints_hm)
+        disk = (dy * dy)[..., :, None] + (dx * dx)[..., None, :] <= np.float32(self.radius**2)
         scale = np.float32(-1.0 / self.offset_norm)  # O = (y - p) / norm = -(p - y) / norm
-        offset = np.empty((disk.shape[0], 2, *disk.shape[1:]), dtype=np.float32)
-        np.multiply(dx * scale, disk, out=offset[:, 0])
-        np.multiply(dy * scale, disk, out=offset[:, 1])
-        heatmap = self.heatmap_target(disk, joints_hm, weights).astype(np.float32, copy=False)
-        return {"heatmap": heatmap, "disk": disk, "offset": offset}, weights
+        offset = np.empty((*disk.shape[:-2], 2, *disk.shape[-2:]), dtype=np.float32)
+        np.multiply(disk, (dx * scale)[..., None, :], out=offset[..., 0, :, :])
+        np.multiply(disk, (dy * scale)[..., :, None], out=offset[..., 1, :, :])
+        return {"heatmap": self.heatmap_target(disk, joints_hm), "offset": offset}, weights
 
     def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 9 on ``(N, K, h, w)`` heatmaps and ``(N, K, 2, h, w)`` normalised offsets."""
