@@ -50,6 +50,32 @@ IMAGE_SIDES = (320, 640)
 PERSON_HEIGHTS = (40.0, 400.0)
 #: Probability of 1, 2, 3 or 4 people in a scene.
 PEOPLE_PER_IMAGE = (0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How busy a scene is: everything that makes people hard to find, apart from the figures themselves.
+
+    ``full`` (the default) has 4-14 clutter shapes per background (a third of
+    them limb-like bars), an occluder in front of 30% of the people and up to
+    four people per scene. ``plain`` keeps the figures, their poses, textures,
+    scales and the textured gradient background, and drops the clutter, the
+    occluders and the crowd (one person per scene): a set a small CPU-trained
+    network can learn to localise within minutes, so that a comparison of
+    codecs measures their sub-pixel precision rather than which method
+    happens to find limbs first (benchmarks/accuracy.py).
+    """
+
+    name: str = "full"
+    clutter: tuple[int, int] = (4, 15)
+    occluder_prob: float = 0.3
+    people_per_image: tuple[float, ...] = PEOPLE_PER_IMAGE
+
+
+STYLES: dict[str, SceneStyle] = {
+    style.name: style
+    for style in (SceneStyle(), SceneStyle("plain", clutter=(0, 1), occluder_prob=0.0, people_per_image=(1.0,)))
+}
 JPEG_QUALITY = 92
 #: Fixed-point bits for sub-pixel rasterisation (OpenCV ``shift``).
 _SHIFT = 4
@@ -365,8 +391,10 @@ def _crop_tile(rng: np.random.Generator, tile: np.ndarray, width: int, height: i
     return tile[y : y + height, x : x + width]
 
 
-def _background(rng: np.random.Generator, width: int, height: int, coarse: np.ndarray) -> np.ndarray:
-    """Float32 RGB background: a random gradient, blotchy noise and 4-14 clutter shapes.
+def _background(
+    rng: np.random.Generator, width: int, height: int, coarse: np.ndarray, clutter: tuple[int, int]
+) -> np.ndarray:
+    """Float32 RGB background: a random gradient, blotchy noise and ``rng.integers(*clutter)`` clutter shapes.
 
     Gradient and blotches are smooth, so they are made at quarter resolution and
     upsampled once (one full-size pass instead of three).
@@ -377,7 +405,7 @@ def _background(rng: np.random.Generator, width: int, height: int, coarse: np.nd
     small += rng.uniform(5, 30) * _crop_tile(rng, coarse, *small_wh)[..., None]
     bg = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
     scale = min(width, height)
-    for _ in range(rng.integers(4, 15)):
+    for _ in range(rng.integers(*clutter)):
         colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
         kind, c = rng.integers(4), rng.uniform(0, 1, 2) * (width, height)
         size = rng.uniform(0.03, 0.3) * scale
@@ -497,11 +525,11 @@ def _clip_bbox(vertices: np.ndarray, width: int, height: int) -> list[float]:
 
 
 def render_scene(
-    rng: np.random.Generator, n_people: int, tiles: tuple[np.ndarray, np.ndarray]
+    rng: np.random.Generator, n_people: int, tiles: tuple[np.ndarray, np.ndarray], style: SceneStyle = STYLES["full"]
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw one scene with ``n_people`` figures; returns the RGB uint8 image and their COCO annotations."""
     width, height = (int(v) for v in rng.integers(IMAGE_SIDES[0], IMAGE_SIDES[1] + 1, 2))
-    bg = _background(rng, width, height, tiles[1])
+    bg = _background(rng, width, height, tiles[1], style.clutter)
     shapes: list[Shape] = []
     figures = []
     occluders = []
@@ -513,7 +541,7 @@ def render_scene(
         fig = sample_figure(rng, tall, hip)
         figures.append(fig)
         shapes += figure_shapes(fig, rng, tall, person)
-        if rng.random() < 0.3:
+        if rng.random() < style.occluder_prob:
             occluders.append(_occluder(rng, fig, tall))
     shapes += occluders
     mask = _rasterise(shapes, width, height)
@@ -544,7 +572,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _split_dataset(
-    out: Path, split: int, n_people: int, seed: int, tiles: tuple[np.ndarray, np.ndarray], quality: int
+    out: Path, split: int, n_people: int, seed: int, tiles: tuple[np.ndarray, np.ndarray], quality: int,
+    style: SceneStyle,
 ) -> dict[str, Any]:
     """Draw scenes until ``n_people`` people exist; write their JPEGs; return the COCO dict."""
     name, folder, first_id = SPLITS[split]
@@ -554,10 +583,9 @@ def _split_dataset(
         while len(annotations) < n_people:
             index = len(images)
             rng = np.random.default_rng([seed, split, index])
-            count = min(
-                int(rng.choice(len(PEOPLE_PER_IMAGE), p=PEOPLE_PER_IMAGE)) + 1, n_people - len(annotations)
-            )
-            image, anns = render_scene(rng, count, tiles)
+            crowd = style.people_per_image
+            count = min(int(rng.choice(len(crowd), p=crowd)) + 1, n_people - len(annotations))
+            image, anns = render_scene(rng, count, tiles, style)
             image_id = first_id + index
             file_name = f"{image_id:012d}.jpg"
             ok, jpeg = cv2.imencode(
@@ -584,6 +612,7 @@ def _split_dataset(
             "version": "1",
             "year": 2026,
             "seed": seed,
+            "style": style.name,
         },
         "licenses": [
             {"id": 1, "name": "Synthetic images generated by cal-pose (no restrictions)", "url": ""}
@@ -595,24 +624,27 @@ def _split_dataset(
 
 
 def generate(
-    out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, quality: int = JPEG_QUALITY
+    out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, quality: int = JPEG_QUALITY, style: str = "full"
 ) -> dict[str, Path]:
     """Write a synthetic COCO-keypoints tree with ``n_train`` / ``n_val`` PEOPLE under ``out_dir``.
 
     Layout: ``annotations/person_keypoints_{train,val}2017.json``, ``train2017/``
     and ``val2017/`` JPEGs. The same arguments always give byte-identical files
     (every scene draws from its own generator seeded by (seed, split, index)).
-    Returns the annotation file path per split.
+    ``style`` names a :class:`SceneStyle` in :data:`STYLES`. Returns the
+    annotation file path per split.
     """
     if n_train < 0 or n_val < 0:
         raise ValueError(f"people counts must be >= 0, got train={n_train}, val={n_val}")
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; choose one of {sorted(STYLES)}")
     out = Path(out_dir)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     tiles = noise_tiles(seed)
     written = {}
     for split, n_people in enumerate((n_train, n_val)):
         name, folder, _ = SPLITS[split]
-        coco = _split_dataset(out, split, n_people, seed, tiles, quality)
+        coco = _split_dataset(out, split, n_people, seed, tiles, quality, STYLES[style])
         path = out / "annotations" / f"person_keypoints_{folder}.json"
         _write_atomic(path, json.dumps(coco, separators=(",", ":")).encode())
         written[name] = path
@@ -627,9 +659,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, required=True, help="number of validation PEOPLE (not images)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     parser.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality of the scenes")
+    parser.add_argument("--style", choices=sorted(STYLES), default="full",
+                        help="scene style: full (clutter, occluders, crowds) or plain (one person, no clutter)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the synthetic set described by ``args``."""
-    generate(args.out, args.train, args.val, args.seed, args.quality)
+    generate(args.out, args.train, args.val, args.seed, args.quality, args.style)
     return 0
