@@ -4,19 +4,23 @@ Builds a synthetic people set (``cal_core.data.synthetic.generate``), turns it
 into shards at 64x48 and 128x96 with the real downsampling stage
 (``cal_core.data.downsample.downsample``), then reads training batches as a
 DataLoader worker builds them: ``ShardDataset(train=True)[i]`` for each index
-of a batch, in a random order (as an epoch permutation would), then
-``ShardDataset.collate`` (stacking + the codec's targets for the whole batch),
-for the ``cal``, ``heatmap`` and ``udp`` codecs.
+of a batch of ``--batch``, in a random order (as an epoch permutation would),
+then the default collate (stacking).
 
 ``samples_per_s_per_core`` is samples per CPU-second of this process
 (``time.process_time``), so other load on a shared machine does not deflate
 it; ``wall_samples_per_s`` is the plain wall-clock rate for comparison. The
 rates and stage times are the best of 3 rounds (1 with ``--quick``). The
 ``*_us`` columns split one sample's CPU time into its stages (JPEG decode,
-drawing + applying the augmentation affine, target encoding, normalisation),
-timed separately over the same samples (the encode per batch of ``--batch``,
-divided by its size), to show what bounds the rate; the ``other_us`` column
-is the rest (bookkeeping, tensors, stacking).
+drawing + applying the augmentation affine, normalisation), timed separately
+over the same samples, to show what bounds the rate; ``other_us`` is the rest
+(bookkeeping, tensors, stacking).
+
+The codec's targets are not the loader's work: the trainer builds them for a
+whole batch on its device (``cal_core.data.dataset.add_targets``). What that
+costs when the device is this CPU is ``targets_us`` (one batched
+``add_targets`` for the ``cal``, ``heatmap`` and ``udp`` codecs, per sample),
+and ``cpu_targets_samples_per_s`` the rate of loader + targets on one core.
 Target: at least 1,500 samples/s per core at 128x96 with ``cal`` targets.
 
     .venv/bin/python -m benchmarks.loader [--quick]
@@ -34,12 +38,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from benchmarks.common import print_table, write_results
 from cal_core.codecs import build_codec
 from cal_core.data import synthetic
 from cal_core.data.augment import sample_transform, warp_sample
-from cal_core.data.dataset import ShardDataset, normalise
+from cal_core.data.dataset import ShardDataset, add_targets, normalise
 from cal_core.data.downsample import downsample
 
 SIZES = ("64x48", "128x96")
@@ -63,7 +68,7 @@ def _cpu_rate(dataset: ShardDataset, order: list[int], rounds: int, batch: int) 
     for _ in range(rounds):
         cpu, wall = time.process_time(), time.perf_counter()
         for indices in _batches(order, batch):
-            dataset.collate([dataset[index] for index in indices])
+            default_collate([dataset[index] for index in indices])
         best_cpu = max(best_cpu, len(order) / (time.process_time() - cpu))
         best_wall = max(best_wall, len(order) / (time.perf_counter() - wall))
     return best_cpu, best_wall
@@ -99,11 +104,6 @@ def _stage_us(dataset: ShardDataset, order: list[int], rounds: int, batch: int) 
             )
             warped.append(warp_sample(crop, kp[:, :2], kp[:, 2], matrix, flip, dataset.input_size))
 
-    def encode() -> None:
-        for start in range(0, len(warped), batch):
-            chunk = warped[start : start + batch]
-            dataset.codec.encode(np.stack([p for _, p, _ in chunk]), np.stack([v for _, _, v in chunk]))
-
     def norm() -> None:
         for image, _, _ in warped:
             normalise(image)
@@ -112,7 +112,6 @@ def _stage_us(dataset: ShardDataset, order: list[int], rounds: int, batch: int) 
     for name, stage in (
         ("decode_us", decode),
         ("augment_us", augment),
-        ("encode_us", encode),
         ("normalise_us", norm),
     ):
         times = []
@@ -122,6 +121,18 @@ def _stage_us(dataset: ShardDataset, order: list[int], rounds: int, batch: int) 
             times.append(time.process_time() - start)
         out[name] = min(times) / len(order) * 1e6
     return out
+
+
+def _targets_us(dataset: ShardDataset, order: list[int], rounds: int, batch: int) -> float:
+    """CPU microseconds per sample of ``add_targets`` on collated batches (best of ``rounds``)."""
+    batches = [default_collate([dataset[index] for index in indices]) for indices in _batches(order, batch)]
+    times = []
+    for _ in range(rounds):
+        start = time.process_time()
+        for collated in batches:
+            add_targets(collated, dataset.codec)
+        times.append(time.process_time() - start)
+    return min(times) / len(order) * 1e6
 
 
 def measure(
@@ -135,6 +146,7 @@ def measure(
     per_core, wall = _cpu_rate(dataset, order, rounds, batch)
     stages = _stage_us(dataset, order, rounds, batch)
     other = max(0.0, 1e6 / per_core - sum(stages.values()))
+    targets = _targets_us(dataset, order, rounds, batch)
     return {
         "input_size": size,
         "codec": codec_name,
@@ -142,6 +154,8 @@ def measure(
         "wall_samples_per_s": round(wall, 1),
         **{k: round(v, 1) for k, v in stages.items()},
         "other_us": round(other, 1),
+        "targets_us": round(targets, 1),
+        "cpu_targets_samples_per_s": round(1e6 / (1e6 / per_core + targets), 1),
         "samples": samples,
         "batch": batch,
         "rounds": rounds,

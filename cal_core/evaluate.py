@@ -338,11 +338,11 @@ def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, 
     from cal_core.models import MEAN, STD
 
     items = []
+    labelled = codec.joint_weights(codec.input_to_heatmap_torch(batch["keypoints"]), batch["visibility"])
     for i in range(min(room, len(kpts))):
         image = batch["image"][i].numpy().transpose(1, 2, 0) * np.asarray(STD) + np.asarray(MEAN)
         crop = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        gt_xy = batch["joints_hm"][i].numpy() * np.asarray(codec.stride)
-        gt = np.concatenate([gt_xy, batch["weights"][i].numpy()[:, None]], axis=1)
+        gt = np.concatenate([batch["keypoints"][i].numpy(), labelled[i].numpy()[:, None]], axis=1)
         items.append((crop, kpts[i], scores[i], gt))
     return items
 
@@ -350,13 +350,14 @@ def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, 
 def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64, workers: int = 0,
             overlays: int = 0) -> Collected:
     """Run ``predictor`` over an eval-mode ShardDataset; keypoints back in image pixels."""
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from cal_core.data.dataset import fork_safe_opencv, make_loader
+    from cal_core.data.dataset import fork_safe_opencv
     from cal_core.infer import to_image_coords
 
     fork_safe_opencv(workers)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
                                                            "box_scores", "areas", "bboxes")}
     shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []

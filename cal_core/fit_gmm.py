@@ -141,17 +141,20 @@ def plot_mask(params: mgm.GMMParams, radius: float, path: Path) -> None:
 
 
 @torch.no_grad()
-def collect_displacements(model: torch.nn.Module, loader: Any, device: torch.device,
+def collect_displacements(model: torch.nn.Module, loader: Any, codec: Any, device: torch.device,
                           max_samples: int = 0) -> np.ndarray:
     """Eq. 11 over a loader of un-augmented training batches: ``argmax(G_hat) - y``, (M, 2) heatmap px."""
     from tqdm import tqdm
+
+    from cal_core.data.dataset import add_targets
 
     model.eval().to(device)
     found: list[torch.Tensor] = []
     seen = 0
     for batch in tqdm(loader, desc="displacements", leave=False, dynamic_ncols=True):
-        heatmap = model(batch["image"].to(device))["heatmap"].float()
-        found.append(mgm.displacements(heatmap, batch["joints_hm"].to(device), batch["weights"].to(device)).cpu())
+        batch = add_targets({k: batch[k].to(device) for k in ("image", "keypoints", "visibility")}, codec)
+        heatmap = model(batch["image"])["heatmap"].float()
+        found.append(mgm.displacements(heatmap, batch["joints_hm"], batch["weights"]).cpu())
         seen += len(batch["image"])
         if max_samples and seen >= max_samples:
             break
@@ -160,16 +163,16 @@ def collect_displacements(model: torch.nn.Module, loader: Any, device: torch.dev
 
 def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples: int, seed: int) -> Any:
     """Un-augmented training samples; a seeded random subset when ``max_samples`` is set."""
-    from torch.utils.data import Subset
+    from torch.utils.data import DataLoader, Subset
 
-    from cal_core.data.dataset import ShardDataset, fork_safe_opencv, make_loader
+    from cal_core.data.dataset import ShardDataset, fork_safe_opencv
 
     dataset = ShardDataset(shards, codec, train=False, seed=seed)
     if max_samples and max_samples < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_samples]
         dataset = Subset(dataset, sorted(order.tolist()))
     fork_safe_opencv(workers)
-    return make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = None, max_components: int = 3,
@@ -191,7 +194,7 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
     with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params,
                             local_dir=local) as tracker:
         loader = _loader(shards, codec, batch_size, workers, max_samples, seed)
-        d = collect_displacements(model_from_checkpoint(ckpt), loader, pick_device(device, 0), max_samples)
+        d = collect_displacements(model_from_checkpoint(ckpt), loader, codec, pick_device(device, 0), max_samples)
         report = {**fit_mixture(d, components, max_components, seed), "stats": displacement_stats(d),
                   "radius": codec.radius, "heatmap_size": list(codec.heatmap_size),
                   "input_size": list(codec.input_size), "checkpoint": checkpoint, "shards": shards}

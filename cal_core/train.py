@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from cal_core import checkpoint, distributed, storage, tracking
 from cal_core.config import STAGE2_TRAIN, TrainConfig, parse_steps
+from cal_core.data.dataset import ShardDataset, add_targets, fork_safe_opencv
 from cal_core.stage2 import MaskMaker, freeze_frozen_norms, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,6 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> tuple[torch.o
 def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     """Codec, data, model, optimiser, schedule, AMP and (stage 2) the mask maker for one run."""
     from cal_core.codecs import build_codec, parse_size
-    from cal_core.data.dataset import ShardDataset
     from cal_core.losses import build_loss
 
     manifest, _ = _manifest_digest(config.shards)
@@ -305,7 +305,7 @@ def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], s: Session
 
 def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step on one batch; returns the loss and its terms (detached)."""
-    batch = _to_device(batch, s.ctx.device)
+    batch = add_targets(_to_device(batch, s.ctx.device), s.codec)
     autocast = torch.autocast(s.ctx.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     with autocast:
         outputs = s.ddp_model(batch["image"])
@@ -324,8 +324,6 @@ def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
 
 def _loader(s: Session) -> DataLoader:
     """This epoch's loader: this rank's batches of the epoch permutation, minus those already done."""
-    from cal_core.data.dataset import fork_safe_opencv, make_loader
-
     sampler = distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
                                             s.ctx.world_size, s.config.seed)
     sampler.set_epoch(s.epoch, s.epoch_step)
@@ -333,8 +331,8 @@ def _loader(s: Session) -> DataLoader:
         s.dataset.set_epoch(s.epoch)
     generator = torch.Generator().manual_seed(s.config.seed * 7919 + s.epoch)
     fork_safe_opencv(s.config.workers)
-    return make_loader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,
-                       pin_memory=s.ctx.device.type == "cuda", persistent_workers=False)
+    return DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,
+                      pin_memory=s.ctx.device.type == "cuda", persistent_workers=False)
 
 
 def _progress(s: Session, loader: DataLoader) -> Iterator[Any]:

@@ -14,6 +14,7 @@ import pytest
 
 from cal_core import evaluate
 from cal_core.codecs import build_codec
+from cal_core.data.dataset import add_targets
 from cal_core.skeleton import NUM_KEYPOINTS, OKS_SIGMAS
 
 
@@ -163,7 +164,7 @@ def _oracle(codec, shift: float = 0.0) -> evaluate.Predictor:
     """A predictor that decodes the batch's own targets (GT through the codec), moved by ``shift`` px."""
 
     def run(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        targets = batch["targets"]
+        targets = add_targets(batch, codec)["targets"]
         kpts, scores = codec.decode(targets["heatmap"], targets.get("offset"))
         return kpts.numpy() + shift, scores.numpy()
 

@@ -12,7 +12,6 @@ import torch
 
 from cal_core import checkpoint
 from cal_core.config import TrainConfig
-from cal_core.data.dataset import make_loader
 from cal_core.distributed import DistContext
 from cal_core.models import build_model
 from cal_core.stage2 import offset_only_parameters
@@ -70,7 +69,7 @@ def test_loss_decreases_on_a_fixed_batch(method: str, stage: int, tiny_shards, s
         extra = {"init": s1, "gmm": gmm, "lr": 1e-3}
     torch.manual_seed(0)
     session = build_session(_config(tiny_shards, tmp_path / "run", method=method, stage=stage, **extra), CPU)
-    batch = next(iter(make_loader(session.dataset, batch_size=8)))
+    batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
     session.model.train()
     losses = [float(train_step(session, batch)[0]) for _ in range(15)]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -94,7 +93,7 @@ def test_amp_uses_bf16_autocast_without_a_scaler_on_cpu(tiny_shards, tmp_path: P
     assert amp_dtype_for(torch.device("cpu"), amp=True) == torch.bfloat16
     session = build_session(_config(tiny_shards, tmp_path, method="udp", amp=True), CPU)
     assert session.amp_dtype == torch.bfloat16 and not session.scaler.is_enabled()
-    batch = next(iter(make_loader(session.dataset, batch_size=8)))
+    batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
     losses = [float(train_step(session, batch)[0]) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
 

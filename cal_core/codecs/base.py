@@ -13,6 +13,7 @@ enters encode or decode.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -26,9 +27,9 @@ HEATMAP_STRIDE = 4
 Targets = dict[str, np.ndarray]
 #: Where ``Codec._prepare`` puts unweighted joints (heatmap px): so far off the map that
 #: every distance-based target (Gaussian, disk, offsets) is exactly zero for them.
-_FAR = np.float32(-1e4)
+_FAR = -1e4
 #: Gaussian factors below exp(_LOG_TINY) ~ 1e-10 are flushed to 0 (see ``Codec.gaussian``).
-_LOG_TINY = np.float32(-23.0)
+_LOG_TINY = -23.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,11 @@ class Codec(ABC):
         """Points ``(..., 2)`` in heatmap pixels -> input pixels (UDP scale)."""
         return np.asarray(points, dtype=np.float64) * self.stride
 
-    def joint_weights(self, joints_hm: np.ndarray, visibility: np.ndarray) -> np.ndarray:
+    def input_to_heatmap_torch(self, points: torch.Tensor) -> torch.Tensor:
+        """:meth:`input_to_heatmap` for tensors ``(..., 2)`` on any device, computed in float64."""
+        return points.double() / torch.as_tensor(self.stride, dtype=torch.float64, device=points.device)
+
+    def joint_weights(self, joints_hm: torch.Tensor, visibility: torch.Tensor) -> torch.Tensor:
         """``(..., K)`` float32: 1 where a joint is labelled (``v > 0``) and its nearest heatmap pixel exists.
 
         NaN or infinite coordinates fail every comparison, so they get weight 0 too.
@@ -105,56 +110,68 @@ class Codec(ABC):
         hm_h, hm_w = self.heatmap_size
         x, y = joints_hm[..., 0], joints_hm[..., 1]
         inside = (x >= -0.5) & (x < hm_w - 0.5) & (y >= -0.5) & (y < hm_h - 0.5)
-        return ((np.asarray(visibility) > 0) & inside).astype(np.float32)
+        return ((visibility > 0) & inside).float()
 
-    def _prepare(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Validate encode's input; return float32 joints in heatmap px and the weights.
+    def prepare(self, keypoints: torch.Tensor, visibility: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked joints in heatmap px ``(..., K, 2)`` float32 and their weights ``(..., K)``.
 
-        Unweighted joints are moved far outside the map (:data:`_FAR`), so every
-        target built from distances to them (Gaussian, disk, offsets) is zero
+        The input -> heatmap scale runs in float64 (as the numpy geometry does), then
+        float32. Unweighted joints are moved far outside the map (:data:`_FAR`), so
+        every target built from distances to them (Gaussian, disk, offsets) is zero
         there without a separate masking pass.
         """
-        kpts = np.asarray(keypoints, dtype=np.float64)
-        vis = np.asarray(visibility)
-        if kpts.ndim < 2 or kpts.shape[-1] != 2 or vis.shape != kpts.shape[:-1]:
+        if keypoints.dim() < 2 or keypoints.shape[-1] != 2 or visibility.shape != keypoints.shape[:-1]:
             raise ValueError(
-                f"encode needs keypoints (..., K, 2) and visibility (..., K), got {kpts.shape}, {vis.shape}"
+                f"encode needs keypoints (..., K, 2) and visibility (..., K), "
+                f"got {tuple(keypoints.shape)}, {tuple(visibility.shape)}"
             )
-        joints_hm = self.input_to_heatmap(kpts)
-        weights = self.joint_weights(joints_hm, vis)
-        return np.where(weights[..., None] > 0, joints_hm, _FAR).astype(np.float32), weights
+        joints_hm = self.input_to_heatmap_torch(keypoints)
+        weights = self.joint_weights(joints_hm, visibility)
+        return torch.where(weights[..., None] > 0, joints_hm, float(_FAR)).float(), weights
 
-    def _axis_distances(self, joints_hm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per joint, ``p - y`` along x ``(..., K, w)`` and along y ``(..., K, h)`` (float32, heatmap px)."""
+    def axis_distances(self, joints_hm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per joint, ``p - y`` along x ``(..., K, w)`` and along y ``(..., K, h)`` (heatmap px)."""
         hm_h, hm_w = self.heatmap_size
-        dx = np.arange(hm_w, dtype=np.float32) - joints_hm[..., 0, None]
-        dy = np.arange(hm_h, dtype=np.float32) - joints_hm[..., 1, None]
+        device = joints_hm.device
+        dx = torch.arange(hm_w, dtype=joints_hm.dtype, device=device) - joints_hm[..., 0, None]
+        dy = torch.arange(hm_h, dtype=joints_hm.dtype, device=device) - joints_hm[..., 1, None]
         return dx, dy
 
-    def gaussian(self, joints_hm: np.ndarray) -> np.ndarray:
+    def gaussian(self, joints_hm: torch.Tensor) -> torch.Tensor:
         """Eq. 2: ``C(p) = exp(-|p - y|^2 / (2 sigma^2))`` at the exact sub-pixel joint, ``(..., K, h, w)``.
 
         Computed separably, ``exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2)``, which is the
         same function with h + w instead of h * w exponentials per joint. Joints
-        placed at :data:`_FAR` by :meth:`_prepare` give all-zero maps. Factors
+        placed at :data:`_FAR` by :meth:`prepare` give all-zero maps. Factors
         below ``exp(_LOG_TINY)`` (1e-10 of the peak) are set to exactly 0: their
-        products would be float32 denormals, which cost the CPU ~100x per operation.
+        products would be float32 denormals, which cost a CPU ~100x per operation.
         """
-        scale = np.float32(-0.5 / self.sigma**2)
-        dx, dy = self._axis_distances(joints_hm)
+        scale = -0.5 / self.sigma**2
+        dx, dy = self.axis_distances(joints_hm)
         ex, ey = dx * dx * scale, dy * dy * scale
-        ex[ex < _LOG_TINY] = -np.inf
-        ey[ey < _LOG_TINY] = -np.inf
-        return np.exp(ey)[..., :, None] * np.exp(ex)[..., None, :]
+        ex[ex < _LOG_TINY] = -math.inf
+        ey[ey < _LOG_TINY] = -math.inf
+        return torch.exp(ey)[..., :, None] * torch.exp(ex)[..., None, :]
+
+    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
+        """Numpy in and out: :meth:`encode_torch` on the CPU for one person ``(K, 2)`` or a batch ``(..., K, 2)``."""
+        targets, weights = self.encode_torch(
+            torch.from_numpy(np.asarray(keypoints, dtype=np.float64)),
+            torch.from_numpy(np.asarray(visibility, dtype=np.float32)),
+        )
+        return {name: value.numpy() for name, value in targets.items()}, weights.numpy()
 
     @abstractmethod
-    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
-        """Targets (dict of float32 arrays) and float32 weights for one person or a batch.
+    def encode_torch(
+        self, keypoints: torch.Tensor, visibility: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Targets and float32 weights for keypoints ``(..., K, 2)`` in input px, on their device.
 
-        ``keypoints`` ``(..., K, 2)`` in input px and ``visibility`` ``(..., K)``;
-        targets are ``(..., K, h, w)`` (offsets ``(..., K, 2, h, w)``) and weights
-        ``(..., K)``. Encoding a whole batch at once (``(N, K, 2)``) costs a
-        fraction of N single calls: the loader does that in its collate step.
+        ``visibility`` is ``(..., K)``; targets are ``(..., K, h, w)`` float32 maps
+        (offsets ``(..., K, 2, h, w)``) and weights ``(..., K)``. The trainer calls
+        this on the training device for a whole batch (``cal_core.data.dataset.batch_targets``):
+        building targets there costs microseconds on a GPU instead of megabytes of
+        per-batch CPU work in the loader.
         """
 
     @abstractmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
+import torch
 
 from cal_core.codecs.base import CodecSettings
 from cal_core.codecs.udp import UdpCodec
@@ -27,7 +27,7 @@ class CalCodec(UdpCodec):
     #: CAL regresses G with L2 (Eq. 14): the heatmap value itself is the confidence.
     logit_heatmap: ClassVar[bool] = False
 
-    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray) -> np.ndarray:
+    def heatmap_target(self, disk: torch.Tensor, joints_hm: torch.Tensor) -> torch.Tensor:
         """Eq. 10: ``G(p) = B(p) * C(p)``."""
         target = self.gaussian(joints_hm)
         target *= disk

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from cal_core.codecs.base import Codec, CodecSettings, Targets, argmax_numpy, argmax_torch
+from cal_core.codecs.base import Codec, CodecSettings, argmax_numpy, argmax_torch
 
 
 class HeatmapCodec(Codec):
@@ -24,9 +24,11 @@ class HeatmapCodec(Codec):
 
     name: ClassVar[str] = "heatmap"
 
-    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
+    def encode_torch(
+        self, keypoints: torch.Tensor, visibility: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``{"heatmap": C (..., K, h, w)}`` per Eq. 2 and ``(..., K)`` weights; unweighted joints get zero maps."""
-        joints_hm, weights = self._prepare(keypoints, visibility)
+        joints_hm, weights = self.prepare(keypoints, visibility)
         return {"heatmap": self.gaussian(joints_hm)}, weights
 
     def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from cal_core.codecs.base import Codec, CodecSettings, Targets, argmax_numpy, argmax_torch
+from cal_core.codecs.base import Codec, CodecSettings, argmax_numpy, argmax_torch
 
 
 class UdpCodec(Codec):
@@ -36,22 +36,22 @@ class UdpCodec(Codec):
     #: The heatmap output is a logit map (Eq. 8 cross-entropy): scores are its sigmoid.
     logit_heatmap: ClassVar[bool] = True
 
-    def heatmap_target(self, disk: np.ndarray, joints_hm: np.ndarray) -> np.ndarray:
+    def heatmap_target(self, disk: torch.Tensor, joints_hm: torch.Tensor) -> torch.Tensor:
         """The heatmap the network learns: UDP uses the disk B itself (Eq. 6), as float32."""
-        return disk.astype(np.float32)
+        return disk.float()
 
-    def encode(self, keypoints: np.ndarray, visibility: np.ndarray) -> tuple[Targets, np.ndarray]:
+    def encode_torch(
+        self, keypoints: torch.Tensor, visibility: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``{"heatmap" (..., K, h, w), "offset" (..., K, 2, h, w)}`` and ``(..., K)`` weights.
 
         The disk B of Eq. 6 and the offsets of Eq. 7 are zero for unweighted joints.
         """
-        joints_hm, weights = self._prepare(keypoints, visibility)
-        dx, dy = self._axis_distances(joints_hm)
-        disk = (dy * dy)[..., :, None] + (dx * dx)[..., None, :] <= np.float32(self.radius**2)
-        scale = np.float32(-1.0 / self.offset_norm)  # O = (y - p) / norm = -(p - y) / norm
-        offset = np.empty((*disk.shape[:-2], 2, *disk.shape[-2:]), dtype=np.float32)
-        np.multiply(disk, (dx * scale)[..., None, :], out=offset[..., 0, :, :])
-        np.multiply(disk, (dy * scale)[..., :, None], out=offset[..., 1, :, :])
+        joints_hm, weights = self.prepare(keypoints, visibility)
+        dx, dy = self.axis_distances(joints_hm)
+        disk = (dy * dy)[..., :, None] + (dx * dx)[..., None, :] <= self.radius**2
+        scale = -1.0 / self.offset_norm  # O = (y - p) / norm = -(p - y) / norm
+        offset = torch.stack([disk * (dx * scale)[..., None, :], disk * (dy * scale)[..., :, None]], dim=-3)
         return {"heatmap": self.heatmap_target(disk, joints_hm), "offset": offset}, weights
 
     def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

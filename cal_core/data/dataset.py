@@ -6,8 +6,8 @@ over a shard set written by ``cal-pose downsample`` (local folder or
 the stored JPEG crop, applies the train-time augmentation as one affine
 (:mod:`cal_core.data.augment`; none in eval mode) and normalises with the
 ImageNet ``MEAN``/``STD``; it returns the keypoints in input pixels. The
-codec's training targets are encoded per batch, vectorised, in
-:meth:`ShardDataset.collate` (:func:`make_loader` wires it into a DataLoader).
+codec's training targets are built per batch on the training device by
+:func:`add_targets`.
 
 Shuffling and sharding over DDP ranks and DataLoader workers is the sampler's
 job (``cal_core.distributed.EpochBatchSampler`` gives every rank a disjoint
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import Dataset
 
 from cal_core import storage
 from cal_core.codecs.base import Codec
@@ -165,18 +165,19 @@ def fork_safe_opencv(workers: int) -> None:
         cv2.setNumThreads(1)
 
 
-def make_loader(dataset: Dataset, **kwargs: Any) -> DataLoader:
-    """A DataLoader whose batches carry the codec's targets: collates with :meth:`ShardDataset.collate`.
+def add_targets(batch: dict[str, Any], codec: Codec) -> dict[str, Any]:
+    """``batch`` plus the codec's training targets, built on the device the keypoints are on.
 
-    ``dataset`` is a :class:`ShardDataset` or a ``Subset`` of one; ``kwargs`` go to
-    ``DataLoader`` (batch size or sampler, workers, ...).
+    Adds ``"targets"`` (the codec's dict of ``(N, K, h, w)`` maps), ``"weights"``
+    ``(N, K)`` and ``"joints_hm"`` ``(N, K, 2)`` (sub-pixel joints in heatmap px,
+    for the MGMs of Eqs. 11-13). Targets are not built per sample in the loader:
+    for a batch they are megabytes that a GPU makes in microseconds from the
+    keypoints, while the CPU loader would have to build and ship them.
     """
-    base = dataset
-    while isinstance(base, Subset):
-        base = base.dataset
-    if not isinstance(base, ShardDataset):
-        raise TypeError(f"make_loader needs a ShardDataset (or a Subset of one), got {type(base).__name__}")
-    return DataLoader(dataset, collate_fn=base.collate, **kwargs)
+    keypoints, visibility = batch["keypoints"], batch["visibility"]
+    targets, weights = codec.encode_torch(keypoints, visibility)
+    joints_hm = codec.input_to_heatmap_torch(keypoints).float()
+    return {**batch, "targets": targets, "weights": weights, "joints_hm": joints_hm}
 
 
 class ShardDataset(Dataset):
@@ -300,23 +301,6 @@ class ShardDataset(Dataset):
         if not self.train:
             sample["meta"] = self._meta(shard, row, matrix)
         return sample
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stack samples into a batch and encode the codec's targets for the whole batch at once.
-
-        Adds ``"targets"`` (the codec's dict, ``(N, K, h, w)`` maps), ``"weights"``
-        ``(N, K)`` and ``"joints_hm"`` ``(N, K, 2)`` (sub-pixel joints in heatmap
-        px, for the MGMs of Eqs. 11-13). One vectorised encode per batch costs a
-        fraction of N per-sample encodes (benchmarks/loader.py), which is why
-        targets are not built in ``__getitem__``.
-        """
-        batch = default_collate(samples)
-        keypoints, visibility = batch["keypoints"].numpy(), batch["visibility"].numpy()
-        targets, weights = self.codec.encode(keypoints, visibility)
-        batch["targets"] = {name: torch.from_numpy(value) for name, value in targets.items()}
-        batch["weights"] = torch.from_numpy(weights)
-        batch["joints_hm"] = torch.from_numpy((keypoints / self._stride).astype(np.float32))
-        return batch
 
     @staticmethod
     def _meta(shard: _Shard, row: int, crop_to_input: np.ndarray) -> dict[str, Any]:
