@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from cal_core import storage
-from cal_core.data import coco, downsample, shards
+from cal_core.data import coco, crops, downsample, shards
 from tests.s3server import s3_server  # noqa: F401  (pytest fixture)
 
 SIZES = ["64x48", "256x192"]
@@ -135,6 +135,40 @@ def test_low_res_crop_is_a_faithful_downscale(full: dict[str, Path], coco_mini: 
     # grey levels of 255, JPEG q95 included (it alone costs ~0.7 on crops this small)
     assert max(ours) < 7.0 and float(np.mean(ours)) < 3.5
     assert float(np.mean(ours)) < 0.75 * float(np.mean(naive))  # and clearly closer than plain bilinear
+
+
+def test_decode_takes_the_coarsest_dct_scale_that_needs_no_upsampling(coco_mini: Path) -> None:
+    data = sorted((coco_mini / "val2017").glob("*.jpg"))[0].read_bytes()
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    for min_step, scale in [(0.6, 1), (1.99, 1), (2.0, 2), (3.9, 2), (5.3, 4), (8.0, 8), (40.0, 8)]:
+        decoded = crops.decode(data, min_step)
+        width, height = decoded.size
+        assert decoded.scale == scale and (height, width) == full.shape[:2]
+        assert decoded.pixels.shape == (-(-height // scale), -(-width // scale), 3)  # BGR, libjpeg's ceil size
+    assert np.array_equal(crops.decode(data, 1.0).pixels, full)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "PCX"])  # PCX: a format OpenCV cannot read, so PIL decodes it
+def test_decode_reads_other_formats_at_full_size(fmt: str) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, fmt)
+    decoded = crops.decode(buffer.getvalue(), 8.0)
+    assert decoded.scale == 1 and decoded.size == (30, 20)
+    assert np.array_equal(decoded.pixels, rgb[:, :, ::-1])
+
+
+def test_box_reduce_is_the_exact_block_mean_with_black_past_the_image_edge() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    left, top = 4, 3  # the box ends at the image edge, so the last blocks are partly outside
+    for k in (2, 3, 5, 8):
+        reduced = crops._box_reduce(pixels, (left, top, 50, 37), k)
+        height, width = -(-(37 - top) // k) * k, -(-(50 - left) // k) * k
+        padded = np.zeros((height, width, 3))
+        padded[:37 - top, :50 - left] = pixels[top:, left:]
+        expected = padded.reshape(height // k, k, width // k, k, 3).mean(axis=(1, 3))
+        assert reduced.shape == expected.shape
+        assert np.abs(reduced - expected).max() <= 1.0  # uint8 rounding
 
 
 def _write_json(path: Path, data: Any) -> None:

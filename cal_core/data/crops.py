@@ -6,16 +6,22 @@ shrunk 8x is aliased: thin limbs break up and edges shimmer. A faithful low
 resolution image averages every source pixel it covers. We get that cheaply
 in three steps, all as exact affines in the UDP pixel-centre convention:
 
-1. **Decode at reduced size** (libjpeg DCT scaling via PIL ``draft``) by the
-   largest factor ``d`` in {1, 2, 4, 8} that is not coarser than any crop
-   needs. DCT scaling is an area-like low-pass and much faster than a full
-   decode. Output pixel ``a`` covers source pixels ``[d a, d a + d)``, so
-   its centre is ``d a + (d - 1) / 2`` in source pixels.
-2. **Box-reduce** the crop's region by the integer ``k = floor(step / d)``
-   (PIL ``Image.reduce``, an exact box average), leaving a residual downscale
-   in ``[1, 2)``, where bilinear interpolation no longer aliases noticeably.
+1. **Decode at reduced size** (libjpeg-turbo DCT scaling, OpenCV's
+   ``IMREAD_REDUCED_COLOR_*``) by the largest factor ``d`` in {1, 2, 4, 8}
+   that is not coarser than any crop of the image needs. DCT scaling is an
+   area-like low-pass and cheaper than a full decode. Output pixel ``a``
+   covers source pixels ``[d a, d a + d)``, so its centre is
+   ``d a + (d - 1) / 2`` in source pixels.
+2. **Box-reduce** only the crop's region by the integer ``k = floor(step / d)``
+   (``cv2.resize`` ``INTER_AREA`` by an integer factor, an exact box average;
+   blocks past the image edge average in black), leaving a residual
+   downscale in ``[1, 2)``, where bilinear interpolation no longer aliases
+   noticeably.
 3. **Warp** that region to the crop with bilinear interpolation (OpenCV),
    through the composed affine, pixels outside the image black (as HRNet).
+
+Pixels stay in OpenCV's BGR order from decode to JPEG encode: no channel
+swaps or copies on the way (the stored JPEG is the same either way).
 
 Keypoints never go through steps 1-2: they are mapped with the exact
 image -> crop affine, so they stay exact whatever the pixel path.
@@ -31,7 +37,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cal_core.geometry import box_to_center_size, compose_affine, invert_affine, warp_matrix
+from cal_core.geometry import box_to_center_size, compose_affine, warp_matrix
 
 #: Library errors that mean "these bytes are not a decodable image".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
@@ -41,11 +47,17 @@ class ImageDecodeError(ValueError):
     """The bytes are not a complete, decodable image (truncated, corrupt or not an image)."""
 
 
+#: OpenCV decode flags per DCT scale; EXIF orientation is ignored, as annotations use the stored pixels.
+_IMREAD = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in
+           ((1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (8, cv2.IMREAD_REDUCED_COLOR_8))}
+
+
 @dataclass(frozen=True)
 class Decoded:
-    """An RGB image decoded at ``1 / scale`` of its ``size`` (original ``(W, H)``)."""
+    """A ``(h, w, 3)`` uint8 BGR image decoded at ``1 / scale`` of its ``size`` (original ``(W, H)``)."""
 
-    image: Image.Image
+    pixels: np.ndarray
     scale: int
     size: tuple[int, int]
 
@@ -76,59 +88,91 @@ def source_step(matrix: np.ndarray) -> float:
 
 
 def decode(data: bytes, min_step: float) -> Decoded:
-    """Decode image bytes to RGB, reduced by the largest DCT factor not above ``min_step``.
+    """Decode image bytes to BGR, JPEGs reduced by the largest DCT factor not above ``min_step``.
 
-    Grayscale, CMYK, palette and alpha images are converted to RGB.
-    Raises :class:`ImageDecodeError` for bytes that are not a complete image.
+    PIL reads only the header (original size, format); OpenCV decodes (less
+    per-call overhead than PIL, no RGB copy). Grayscale, CMYK, palette and
+    alpha images become 3-channel colour. Raises :class:`ImageDecodeError`
+    for bytes that are not a complete image.
     """
     try:
-        image = Image.open(io.BytesIO(data))
-        size = image.size
-        scale = 1
-        wanted = max(s for s in (8, 4, 2, 1) if s <= max(1.0, min_step))
-        if wanted > 1 and image.format == "JPEG":
-            drafted = image.draft("RGB", (max(1, size[0] // wanted), max(1, size[1] // wanted)))
-            if drafted is not None:
-                scale = int(round(size[0] / drafted[1][2]))
-        image.load()
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        header = Image.open(io.BytesIO(data))
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
-    return Decoded(image, scale, size)
+    scale = max(s for s in (8, 4, 2, 1) if s <= max(1.0, min_step)) if header.format == "JPEG" else 1
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD[scale])
+    if pixels is None:  # OpenCV refused it: PIL decodes it (a format OpenCV lacks) or says what is wrong
+        pixels, scale = _pil_decode(header), 1
+    return Decoded(pixels, scale, header.size)
+
+
+def _pil_decode(image: Image.Image) -> np.ndarray:
+    """Full-size BGR pixels of an opened PIL image; :class:`ImageDecodeError` with PIL's reason if broken."""
+    try:
+        rgb = np.asarray(image.convert("RGB"))
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
 def render(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int]) -> np.ndarray:
-    """The crop ``(H, W, 3)`` uint8 RGB for the image -> crop affine ``matrix``, anti-aliased.
+    """The crop ``(H, W, 3)`` uint8 BGR for the image -> crop affine ``matrix``, anti-aliased.
 
     Only the region the crop covers (plus one reduced pixel for the bilinear
     support) is box-reduced, then warped through ``matrix`` composed with the
-    region -> image affine.
+    region -> image affine. Without reduction (``k == 1``) the warp reads the
+    decoded image directly.
     """
     d = decoded.scale
     k = max(1, int(math.floor(source_step(matrix) / d + 1e-9)))
-    (a, b, tx), (c, e, ty) = invert_affine(matrix).tolist()  # crop px -> source px
-    xs, ys = (-0.5, crop_wh[0] - 0.5), (-0.5, crop_wh[1] - 0.5)
-    src_x = [a * x + b * y + tx for x in xs for y in ys]
-    src_y = [c * x + e * y + ty for x in xs for y in ys]
-    pad = k + 1  # one reduced pixel of bilinear support, plus rounding
-    width, height = decoded.image.size
-    left = min(max(math.floor((min(src_x) - (d - 1) / 2.0) / d) - pad, 0), width - 1)
-    top = min(max(math.floor((min(src_y) - (d - 1) / 2.0) / d) - pad, 0), height - 1)
-    right = min(max(math.ceil((max(src_x) - (d - 1) / 2.0) / d) + pad + 1, left + 1), width)
-    bottom = min(max(math.ceil((max(src_y) - (d - 1) / 2.0) / d) + pad + 1, top + 1), height)
-    box = (left, top, right, bottom)
-    region = decoded.image.reduce(k, box) if k > 1 else decoded.image.crop(box)
+    left, top, region = 0, 0, decoded.pixels
+    if k > 1:
+        left, top, right, bottom = _region(decoded, matrix, crop_wh, k)
+        region = _box_reduce(decoded.pixels, (left, top, right, bottom), k)
     # region px b -> decoded px a = box0 + k b + (k - 1) / 2 -> source px d a + (d - 1) / 2
     to_image = np.array([[d * k, 0.0, d * (left + (k - 1) / 2.0) + (d - 1) / 2.0],
                          [0.0, d * k, d * (top + (k - 1) / 2.0) + (d - 1) / 2.0]])
     total = compose_affine(matrix, to_image)
-    return cv2.warpAffine(np.asarray(region), total, crop_wh, flags=cv2.INTER_LINEAR,
+    return cv2.warpAffine(region, total, crop_wh, flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
+def _region(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int], k: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` in decoded pixels that the crop reads, with a margin of ``k + 1``.
+
+    Clamped to the image, so reduction blocks start at an image pixel.
+    """
+    d = decoded.scale
+    (a, b, tx), (c, e, ty) = cv2.invertAffineTransform(matrix).tolist()  # crop px -> source px
+    xs, ys = (-0.5, crop_wh[0] - 0.5), (-0.5, crop_wh[1] - 0.5)
+    src_x = [a * x + b * y + tx for x in xs for y in ys]
+    src_y = [c * x + e * y + ty for x in xs for y in ys]
+    pad = k + 1  # one reduced pixel of bilinear support, plus rounding
+    height, width = decoded.pixels.shape[:2]
+    left = min(max(math.floor((min(src_x) - (d - 1) / 2.0) / d) - pad, 0), width - 1)
+    top = min(max(math.floor((min(src_y) - (d - 1) / 2.0) / d) - pad, 0), height - 1)
+    right = max(math.ceil((max(src_x) - (d - 1) / 2.0) / d) + pad + 1, left + 1)
+    bottom = max(math.ceil((max(src_y) - (d - 1) / 2.0) / d) + pad + 1, top + 1)
+    return left, top, min(right, width), min(bottom, height)
+
+
+def _box_reduce(pixels: np.ndarray, box: tuple[int, int, int, int], k: int) -> np.ndarray:
+    """Exact ``k x k`` box average of ``pixels[top:bottom, left:right]``, the last blocks padded with black.
+
+    The box is grown to whole blocks; ``INTER_AREA`` by an integer factor is
+    OpenCV's exact (and for ``k == 2`` vectorised) block mean.
+    """
+    left, top, right, bottom = box
+    width, height = -(-(right - left) // k) * k, -(-(bottom - top) // k) * k
+    roi = pixels[top:top + height, left:left + width]
+    if roi.shape[:2] != (height, width):  # past the image edge: pad whole blocks with black
+        roi = cv2.copyMakeBorder(roi, 0, height - roi.shape[0], 0, width - roi.shape[1], cv2.BORDER_CONSTANT,
+                                 value=(0, 0, 0))
+    return cv2.resize(roi, (width // k, height // k), interpolation=cv2.INTER_AREA)
+
+
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of an ``(H, W, 3)`` uint8 RGB array (deterministic for equal pixels).
+    """JPEG bytes of an ``(H, W, 3)`` uint8 BGR array (deterministic for equal pixels).
 
     Chroma is kept at full resolution (4:4:4): the usual 4:2:0 halves colour
     resolution again on crops that are already tiny (measured on coco-mini at
@@ -137,7 +181,7 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
     """
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
               cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:, :, ::-1]), params)
+    ok, data = cv2.imencode(".jpg", pixels, params)
     if not ok:
         raise ValueError(f"JPEG encoding failed for a crop of shape {pixels.shape}")
     return data.tobytes()

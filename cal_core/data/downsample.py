@@ -422,7 +422,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
         raise _strict_error(plan.skipped[0], detections or source["annotations"]["uri"])
     settings = {"padding": DEFAULT_PADDING, "shard_size": shard_size, "jpeg_quality": JPEG_QUALITY,
                 "box_source": "detections" if detections else "ground_truth", "det_score_thr": det_score_thr,
-                "resampling": "jpeg-dct-draft + box-reduce + bilinear"}
+                "resampling": "opencv jpeg-dct-scale + box-reduce + bilinear"}
     header = {size: _header(size, split, margin, source, settings) for size in sizes}
     outputs = [Output(size, storage.join(out, shards.size_name(size)), []) for size in sizes]
     prevs = [_previous(o.uri, header[o.size]) for o in outputs]
