@@ -1,8 +1,10 @@
 """Downsampling throughput: instances/s per core of ``cal-pose downsample`` vs a naive crop loop.
 
 Ours: the whole stage (:func:`cal_core.data.downsample.downsample`) with one
-worker process: JSON parsing, one reduced-size JPEG decode per image (DCT
-draft), box pre-reduction, bilinear warp, JPEG encode and zstd parquet shards.
+worker, which runs in this process (no pool): JSON parsing, one reduced-size
+JPEG decode per image (OpenCV, libjpeg-turbo DCT scaling), box
+pre-reduction of the crop's region, bilinear warp, JPEG encode, zstd parquet
+shards, annotations.json and the manifest.
 
 Naive baseline, what most pose code does per sample (e.g. the authors'
 HRNet-based ``JointsDataset.__getitem__``): read and fully decode the image
@@ -14,15 +16,21 @@ parquet writing ours pays for).
 Both run in this process on one core (OpenCV threads = 1) over coco-mini's
 kept people (train and val, COCO rules), files warm in the page cache, after
 one untimed warm-up run of each. "Per core" rates divide by the process's CPU
-time (``time.process_time``), which other jobs on a shared machine barely
-disturb; wall-clock rates are reported next to them. The best of
-``--repeats`` runs is kept. ``--quick``: 10 val images, one repeat.
+time (``time.process_time``), which other jobs on a shared machine disturb
+far less than wall time (still ~10-20% run to run with both cores busy);
+wall-clock rates are reported next to them. The best of ``--repeats`` runs
+is kept. ``--quick``: 10 val images, one repeat.
 
-Why not more than ~2-3x: libjpeg's DCT scaling skips only the inverse DCT and
-colour work; entropy decoding still reads every coefficient, so a 1/8-scale
-decode costs ~60-75% of a full one. The win is decoding each image once for
-all its people (~3 per COCO image) plus that saving; images with a tiny
-person still need the full resolution.
+Why not 3x: libjpeg's DCT scaling skips only the inverse DCT and colour
+work; entropy decoding still reads every coefficient, so on coco-mini a
+1/8-scale decode costs ~65% of a full one (~1.5 vs ~2.3 ms), and at 64x48
+29 of the 67 images hold a person small enough to need full resolution.
+Measured at 64x48: decoding (~2.1 ms per image) is about half of the stage's
+CPU and the per-call work outside the crops (COCO JSON parsing and planning,
+annotations.json, parquet, manifest and journal writes with fsync) about
+15%; warp, JPEG encode of the crop and row building share the rest. With the
+crops free the stage would reach only ~3.5x; the win is decoding each image
+once for all its people (~3 per image) plus that saving.
 
     .venv/bin/python -m benchmarks.downsample [--quick] [--coco PATH] [--sizes 64x48,128x96]
 """
