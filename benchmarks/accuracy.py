@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-people", type=int, default=3000, help="synthetic training people")
     parser.add_argument("--val-people", type=int, default=500, help="synthetic validation people")
     parser.add_argument("--data-seed", type=int, default=2024)
+    parser.add_argument("--style", default="full", help="synthetic scene style: full (default) or plain")
     parser.add_argument("--seeds", default="0,1", help="training seeds")
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--epochs", default="64x48:16,128x96:5", help="epochs per input size (same for every method)")
@@ -102,11 +103,12 @@ def prepare_data(args: argparse.Namespace, sizes: list[str]) -> dict[str, tuple[
     """Synthetic COCO tree + train/val shards per size, cached under ``--cache``; ``size -> (train, val)``."""
     from cal_core.cli import main as cli
 
-    root = Path(args.cache) / f"data-{args.train_people}-{args.val_people}-s{args.data_seed}"
+    style = "" if args.style == "full" else f"-{args.style}"
+    root = Path(args.cache) / f"data-{args.train_people}-{args.val_people}-s{args.data_seed}{style}"
     coco = root / "coco"
     if not (coco / "annotations").is_dir():
         _check(cli(["synth", "--out", str(coco), "--train", str(args.train_people), "--val", str(args.val_people),
-                    "--seed", str(args.data_seed)]), "synth")
+                    "--seed", str(args.data_seed), "--style", args.style]), "synth")
     out: dict[str, tuple[str, str]] = {}
     for split in ("train", "val"):
         todo = [s for s in sizes if not (root / split / s / "manifest.json").is_file()]
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(summary(rows))
     settings = {k: v for k, v in vars(args).items() if k not in {"out_dir"}}
-    path = write_results(NAME, rows, args.out_dir, extra={"quick": args.quick, "settings": settings,
+    name = NAME if args.style == "full" else f"{NAME}-{args.style}"  # one results file per scene style
+    path = write_results(name, rows, args.out_dir, extra={"quick": args.quick, "settings": settings,
                                                            "summary": summary(rows)})
     print(f"wrote {path}")
     return 0
