@@ -476,7 +476,8 @@ def train(config: TrainConfig) -> str:
         if not ctx.is_main:
             _loop(s, None)
             return _finish(s, None)
-        with tracking.stage_run(f"train-s{config.stage}" if config.method == "cal" else "train",
+        # stage tag "train-s1"/"train-s2" for every method: the pipeline's training node has one name
+        with tracking.stage_run(f"train-s{config.stage}",
                                 config.experiment, config.run_name or _default_run_name(config),
                                 local_dir=_local_dir(config.out)) as tracker:
             tracker.log_params(_run_params(s))
