@@ -338,7 +338,9 @@ def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, 
     from cal_core.models import MEAN, STD
 
     items = []
-    labelled = codec.joint_weights(codec.input_to_heatmap_torch(batch["keypoints"]), batch["visibility"])
+    if room <= 0:
+        return items
+    _, labelled = codec.joint_labels(batch["keypoints"], batch["visibility"])
     for i in range(min(room, len(kpts))):
         image = batch["image"][i].numpy().transpose(1, 2, 0) * np.asarray(STD) + np.asarray(MEAN)
         crop = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -146,15 +146,13 @@ def collect_displacements(model: torch.nn.Module, loader: Any, codec: Any, devic
     """Eq. 11 over a loader of un-augmented training batches: ``argmax(G_hat) - y``, (M, 2) heatmap px."""
     from tqdm import tqdm
 
-    from cal_core.data.dataset import add_targets
-
     model.eval().to(device)
     found: list[torch.Tensor] = []
     seen = 0
     for batch in tqdm(loader, desc="displacements", leave=False, dynamic_ncols=True):
-        batch = add_targets({k: batch[k].to(device) for k in ("image", "keypoints", "visibility")}, codec)
-        heatmap = model(batch["image"])["heatmap"].float()
-        found.append(mgm.displacements(heatmap, batch["joints_hm"], batch["weights"]).cpu())
+        heatmap = model(batch["image"].to(device))["heatmap"].float()
+        joints_hm, weights = codec.joint_labels(batch["keypoints"].to(device), batch["visibility"].to(device))
+        found.append(mgm.displacements(heatmap, joints_hm.float(), weights).cpu())
         seen += len(batch["image"])
         if max_samples and seen >= max_samples:
             break

@@ -25,7 +25,7 @@ import torch
 HEATMAP_STRIDE = 4
 
 Targets = dict[str, np.ndarray]
-#: Where ``Codec._prepare`` puts unweighted joints (heatmap px): so far off the map that
+#: Where ``Codec.prepare`` puts unweighted joints (heatmap px): so far off the map that
 #: every distance-based target (Gaussian, disk, offsets) is exactly zero for them.
 _FAR = -1e4
 #: Gaussian factors below exp(_LOG_TINY) ~ 1e-10 are flushed to 0 (see ``Codec.gaussian``).
@@ -112,6 +112,11 @@ class Codec(ABC):
         inside = (x >= -0.5) & (x < hm_w - 0.5) & (y >= -0.5) & (y < hm_h - 0.5)
         return ((visibility > 0) & inside).float()
 
+    def joint_labels(self, keypoints: torch.Tensor, visibility: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keypoints ``(..., K, 2)`` input px -> joints in heatmap px (float64) and their weights ``(..., K)``."""
+        joints_hm = self.input_to_heatmap_torch(keypoints)
+        return joints_hm, self.joint_weights(joints_hm, visibility)
+
     def prepare(self, keypoints: torch.Tensor, visibility: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked joints in heatmap px ``(..., K, 2)`` float32 and their weights ``(..., K)``.
 
@@ -125,8 +130,7 @@ class Codec(ABC):
                 f"encode needs keypoints (..., K, 2) and visibility (..., K), "
                 f"got {tuple(keypoints.shape)}, {tuple(visibility.shape)}"
             )
-        joints_hm = self.input_to_heatmap_torch(keypoints)
-        weights = self.joint_weights(joints_hm, visibility)
+        joints_hm, weights = self.joint_labels(keypoints, visibility)
         return torch.where(weights[..., None] > 0, joints_hm, float(_FAR)).float(), weights
 
     def axis_distances(self, joints_hm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +173,7 @@ class Codec(ABC):
 
         ``visibility`` is ``(..., K)``; targets are ``(..., K, h, w)`` float32 maps
         (offsets ``(..., K, 2, h, w)``) and weights ``(..., K)``. The trainer calls
-        this on the training device for a whole batch (``cal_core.data.dataset.batch_targets``):
+        this on the training device for a whole batch (``cal_core.data.dataset.add_targets``):
         building targets there costs microseconds on a GPU instead of megabytes of
         per-batch CPU work in the loader.
         """

@@ -211,7 +211,6 @@ class ShardDataset(Dataset):
         self.augment = (augment or AugmentConfig()) if self.train else None
         self.epoch = 0
         self.cache_bytes = int(cache_bytes)
-        self._stride = np.asarray(codec.stride, dtype=np.float64)
         self._shards = list(self.manifest["shards"])
         self._starts = np.concatenate([[0], np.cumsum([int(s["rows"]) for s in self._shards])]).tolist()
         self._cache: OrderedDict[int, _Shard] = OrderedDict()
