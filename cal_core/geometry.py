@@ -15,6 +15,8 @@ All matrices are ``(2, 3)`` float64 arrays acting on column vectors
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cal_core.skeleton import FLIP_INDEX
@@ -36,18 +38,19 @@ def box_to_center_size(
     x, y, w, h = (float(v) for v in np.asarray(box_xywh, dtype=np.float64).reshape(4))
     if not (aspect_wh > 0 and padding > 0):
         raise ValueError(f"aspect_wh and padding must be positive, got {aspect_wh}, {padding}")
-    if not (np.isfinite([x, y, w, h]).all() and w > 0 and h > 0):
+    if not (all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0):
         raise ValueError(f"box must have finite coordinates and positive width/height, got {(x, y, w, h)}")
     center = np.array([x + 0.5 * w, y + 0.5 * h])
     if w > aspect_wh * h:
         h = w / aspect_wh
     else:
         w = h * aspect_wh
-    return center, np.array([w, h]) * padding
+    return center, np.array([w * padding, h * padding])
 
 
 def warp_matrix(
-    center: np.ndarray, size_wh: np.ndarray, rotation_deg: float, output_wh: tuple[int, int]
+    center: np.ndarray | tuple[float, float], size_wh: np.ndarray | tuple[float, float], rotation_deg: float,
+    output_wh: tuple[int, int]
 ) -> np.ndarray:
     """``(2, 3)`` affine from source pixels to an output of ``output_wh = (W, H)`` pixels (UDP).
 
@@ -56,19 +59,20 @@ def warp_matrix(
     ``center`` maps to ``((W - 1) / 2, (H - 1) / 2)``. A positive ``rotation_deg``
     turns the person counter-clockwise as seen on screen (y points down), the
     convention of the HRNet/UDP code: the linear part is ``diag(sx, sy) @ R(-theta)``
-    with ``R(theta) = [[cos, -sin], [sin, cos]]``.
+    with ``R(theta) = [[cos, -sin], [sin, cos]]``. Built from Python floats: it
+    runs once per crop and per training sample, where a dozen small numpy
+    calls would cost more than the pixel work.
     """
     out_w, out_h = output_wh
-    size = np.asarray(size_wh, dtype=np.float64).reshape(2)
-    if out_w < 2 or out_h < 2 or not (size > 0).all():
-        raise ValueError(f"need output >= 2x2 pixels and a positive size, got {output_wh}, {size.tolist()}")
-    theta = np.deg2rad(rotation_deg)
-    cos, sin = np.cos(theta), np.sin(theta)
-    scale = np.array([(out_w - 1) / size[0], (out_h - 1) / size[1]])
-    linear = scale[:, None] * np.array([[cos, sin], [-sin, cos]])
-    out_center = np.array([(out_w - 1) / 2.0, (out_h - 1) / 2.0])
-    shift = out_center - linear @ np.asarray(center, dtype=np.float64).reshape(2)
-    return np.concatenate([linear, shift[:, None]], axis=1)
+    size_w, size_h = (float(v) for v in np.asarray(size_wh, dtype=np.float64).reshape(2))
+    if out_w < 2 or out_h < 2 or not (size_w > 0 and size_h > 0):
+        raise ValueError(f"need output >= 2x2 pixels and a positive size, got {output_wh}, {[size_w, size_h]}")
+    cx, cy = (float(v) for v in np.asarray(center, dtype=np.float64).reshape(2))
+    theta = math.radians(rotation_deg)
+    cos, sin = math.cos(theta), math.sin(theta)
+    sx, sy = (out_w - 1) / size_w, (out_h - 1) / size_h
+    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
+    return np.array([[a, b, (out_w - 1) / 2.0 - a * cx - b * cy], [d, e, (out_h - 1) / 2.0 - d * cx - e * cy]])
 
 
 def affine_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -81,17 +85,24 @@ def affine_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def invert_affine(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a ``(2, 3)`` affine (e.g. output pixels -> source pixels)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    linear_inv = np.linalg.inv(m[:, :2])
-    return np.concatenate([linear_inv, (-linear_inv @ m[:, 2])[:, None]], axis=1)
+    """Inverse of a ``(2, 3)`` affine (e.g. output pixels -> source pixels), in closed form.
+
+    Raises ``ValueError`` if the linear part is singular (or not finite).
+    """
+    (a, b, c), (d, e, f) = np.asarray(matrix, dtype=np.float64).reshape(2, 3).tolist()
+    det = a * e - b * d
+    if det == 0 or not math.isfinite(det):
+        raise ValueError(f"affine is not invertible (determinant {det}): {[[a, b, c], [d, e, f]]}")
+    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+    return np.array([[ia, ib, -(ia * c + ib * f)], [id_, ie, -(id_ * c + ie * f)]])
 
 
 def compose_affine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The ``(2, 3)`` affine ``a after b``: ``affine_points(p, result) == affine_points(affine_points(p, b), a)``."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return np.concatenate([a[:, :2] @ b[:, :2], (a[:, :2] @ b[:, 2] + a[:, 2])[:, None]], axis=1)
+    (a0, a1, a2), (a3, a4, a5) = np.asarray(a, dtype=np.float64).reshape(2, 3).tolist()
+    (b0, b1, b2), (b3, b4, b5) = np.asarray(b, dtype=np.float64).reshape(2, 3).tolist()
+    return np.array([[a0 * b0 + a1 * b3, a0 * b1 + a1 * b4, a0 * b2 + a1 * b5 + a2],
+                     [a3 * b0 + a4 * b3, a3 * b1 + a4 * b4, a3 * b2 + a4 * b5 + a5]])
 
 
 def hflip_matrix(width: int) -> np.ndarray:

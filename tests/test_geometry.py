@@ -60,6 +60,22 @@ def test_invert_and_compose_round_trip() -> None:
     )
 
 
+def test_invert_and_compose_match_numpy_on_general_affines() -> None:
+    """The closed forms against numpy's 3x3 algebra on shears, rotations and reflections."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = rng.normal(size=(2, 2, 3))
+        full_a, full_b = np.vstack([a, [0, 0, 1]]), np.vstack([b, [0, 0, 1]])
+        np.testing.assert_allclose(geometry.invert_affine(a), np.linalg.inv(full_a)[:2], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(geometry.compose_affine(a, b), (full_a @ full_b)[:2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("linear", [[[1.0, 2.0], [2.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]], [[np.nan, 0.0], [0.0, 1.0]]])
+def test_invert_affine_rejects_singular_matrices(linear: list[list[float]]) -> None:
+    with pytest.raises(ValueError, match="not invertible"):
+        geometry.invert_affine(np.hstack([np.array(linear), [[1.0], [2.0]]]))
+
+
 def test_flip_keypoints_mirrors_and_swaps_pairs() -> None:
     kpts = np.zeros((NUM_KEYPOINTS, 3), dtype=np.float32)
     kpts[:, 0] = np.arange(NUM_KEYPOINTS)  # x = joint index

@@ -29,7 +29,6 @@ the input lose their label (visibility 0), so no codec trains on them.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -99,25 +98,19 @@ def udp_affine(
     output_wh: tuple[int, int],
     mirror_width: int | None = None,
 ) -> np.ndarray:
-    """``geometry.warp_matrix`` after an optional UDP mirror of a ``mirror_width``-wide source, in plain floats.
+    """``geometry.warp_matrix`` after an optional UDP mirror of a ``mirror_width``-wide source.
 
     Equal to ``compose_affine(warp_matrix(c', size, r, out), hflip_matrix(W))``
     with ``c'`` the mirrored centre (or ``warp_matrix(c, size, r, out)`` without
-    a mirror), built from Python floats because it runs once per training
-    sample and a dozen small numpy calls would cost more than the warp itself.
+    a mirror); the mirror ``x -> W - 1 - x`` is folded into the first column
+    in place, as this runs once per training sample.
     """
-    cx, cy = float(center[0]), float(center[1])
-    if mirror_width is not None:
-        cx = mirror_width - 1.0 - cx
-    theta = math.radians(rotation_deg)
-    cos, sin = math.cos(theta), math.sin(theta)
-    sx, sy = (output_wh[0] - 1) / float(size_wh[0]), (output_wh[1] - 1) / float(size_wh[1])
-    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
-    c = (output_wh[0] - 1) / 2.0 - a * cx - b * cy
-    f = (output_wh[1] - 1) / 2.0 - d * cx - e * cy
-    if mirror_width is not None:  # (x, y) -> (W - 1 - x, y) first
-        c, f, a, d = c + a * (mirror_width - 1.0), f + d * (mirror_width - 1.0), -a, -d
-    return np.array([[a, b, c], [d, e, f]])
+    if mirror_width is None:
+        return warp_matrix(center, size_wh, rotation_deg, output_wh)
+    matrix = warp_matrix((mirror_width - 1.0 - float(center[0]), center[1]), size_wh, rotation_deg, output_wh)
+    matrix[:, 2] += matrix[:, 0] * (mirror_width - 1.0)
+    matrix[:, 0] *= -1.0
+    return matrix
 
 
 def sample_transform(
