@@ -22,6 +22,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Distributions whose versions are recorded with every result.
 TRACKED_PACKAGES: tuple[str, ...] = (
     "torch", "torchvision", "numpy", "timm", "onnxruntime", "pycocotools", "opencv-python-headless", "pyarrow",
+    "simplejpeg", "orjson",
 )  # fmt: skip
 
 

@@ -134,9 +134,11 @@ def read_bytes(uri: str | Path) -> bytes:
     """The whole content of ``uri``; ``FileNotFoundError`` naming it when absent."""
     if not is_s3(uri):
         path = _local(uri)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-        return path.read_bytes()
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise FileNotFoundError(f"no such file: {path}") from exc
     bucket, key = split_s3(str(uri))
 
     def get() -> bytes:

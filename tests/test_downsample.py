@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -148,6 +149,30 @@ def test_decode_takes_the_coarsest_dct_scale_that_needs_no_upsampling(coco_mini:
     assert np.array_equal(crops.decode(data, 1.0).pixels, full)
 
 
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_decode_converts_grayscale_and_cmyk_jpegs_to_bgr(coco_mini: Path, mode: str) -> None:
+    """Grayscale goes through libjpeg-turbo (reduced), CMYK through PIL (full size); both as PIL converts them."""
+    image = Image.open(sorted((coco_mini / "val2017").glob("*.jpg"))[0]).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    decoded = crops.decode(buffer.getvalue(), 2.0)
+    expected_scale = 2 if mode == "L" else 1
+    assert decoded.scale == expected_scale and decoded.size == image.size
+    if mode == "CMYK":
+        reference = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))[:, :, ::-1]
+        assert np.array_equal(decoded.pixels, reference)
+    else:
+        gray = decoded.pixels
+        assert gray.shape[2] == 3 and np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_decode_names_what_is_wrong_with_broken_bytes(coco_mini: Path) -> None:
+    data = sorted((coco_mini / "val2017").glob("*.jpg"))[0].read_bytes()
+    for broken, why in [(data[: len(data) // 2], "truncated"), (b"not an image", "cannot identify")]:
+        with pytest.raises(crops.ImageDecodeError, match=why):
+            crops.decode(broken, 4.0)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "PCX"])  # PCX: a format OpenCV cannot read, so PIL decodes it
 def test_decode_reads_other_formats_at_full_size(fmt: str) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -277,6 +302,22 @@ def test_unreadable_annotation_file_names_the_file(tmp_path: Path, content: byte
         path.write_bytes(content)
     with pytest.raises(coco.AnnotationFileError, match=rf"person_keypoints_train2017\.json.*{why}"):
         downsample.downsample(str(tmp_path), "train", str(tmp_path / "out"), ["64x48"], progress=False)
+
+
+def test_json_bytes_compact_is_canonical_and_reads_back() -> None:
+    data = {"b": [1, 2.5, None], "a": {"z": "x", "y": 1e-5}, "big": 2**70}  # 2**70: the stdlib fallback
+    for value in (data, {k: v for k, v in data.items() if k != "big"}):
+        raw = shards.json_bytes(value, compact=True)
+        assert json.loads(raw) == value and raw.endswith(b"\n") and b" " not in raw
+        assert list(json.loads(raw)) == sorted(value)
+
+
+def test_read_json_accepts_what_the_stdlib_accepts(tmp_path: Path) -> None:
+    """NaN literals (not JSON, but what json.dumps writes) still parse, so such records are skipped, not fatal."""
+    path = tmp_path / "a.json"
+    path.write_text('{"x": NaN, "y": [1, 2]}')
+    data, raw = coco.read_json(str(path))
+    assert math.isnan(data["x"]) and data["y"] == [1, 2] and raw == path.read_bytes()
 
 
 def _small_root(coco_mini: Path, tmp: Path, n_images: int = 12) -> Path:

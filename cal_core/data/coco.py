@@ -19,6 +19,7 @@ COCO is an error naming the file and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from cal_core import storage
 from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS
@@ -60,7 +62,7 @@ class Instance:
     score: float
     area: float
 
-    @property
+    @functools.cached_property
     def num_keypoints(self) -> int:
         """Labelled joints (v > 0), counted from the keypoints rather than trusted from the file."""
         return int((self.keypoints[:, 2] > 0).sum())
@@ -124,6 +126,10 @@ def read_json(uri: str) -> tuple[Any, bytes]:
         raw = storage.read_bytes(uri)
     except (OSError, storage.StorageError) as exc:
         raise AnnotationFileError(f"{uri}: cannot read the file ({exc})") from exc
+    try:
+        return orjson.loads(raw), raw  # ~5x faster than json on COCO files (full train: ~240 MB)
+    except orjson.JSONDecodeError:
+        pass  # NaN/Infinity literals, huge ints, bad bytes: the stdlib parser accepts them or says where
     try:
         return json.loads(raw), raw
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -199,9 +205,11 @@ def parse_keypoints(keypoints: Any) -> np.ndarray | None:
     if kp.shape != (NUM_KEYPOINTS * 3,) or not np.isfinite(kp).all():
         return None
     kp = kp.reshape(NUM_KEYPOINTS, 3).copy()
-    if not np.isin(kp[:, 2], (0, 1, 2)).all():
+    v = kp[:, 2]
+    unlabelled = v == 0
+    if not (unlabelled | (v == 1) | (v == 2)).all():
         return None
-    kp[kp[:, 2] == 0] = 0.0
+    kp[unlabelled] = 0.0
     return kp
 
 

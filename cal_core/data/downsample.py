@@ -91,10 +91,9 @@ def _init_worker(job: Job) -> None:
 
 def _row(task: coco.ImageTask, inst: coco.Instance, matrix: np.ndarray, pixels: np.ndarray) -> dict[str, Any]:
     """One shard row for a rendered person (keypoints of unlabelled joints stay 0, 0, 0)."""
-    kp = np.zeros((len(inst.keypoints), 3), np.float32)
-    labelled = inst.keypoints[:, 2] > 0
-    kp[labelled, :2] = affine_points(inst.keypoints[labelled, :2], matrix)
-    kp[labelled, 2] = inst.keypoints[labelled, 2]
+    visibility = inst.keypoints[:, 2:]
+    xy = affine_points(inst.keypoints[:, :2], matrix) * (visibility > 0)
+    kp = np.concatenate([xy, visibility], axis=1).astype(np.float32)
     return {"image_id": task.image_id, "ann_id": inst.ann_id, "file_name": task.file_name,
             "crop": crops.encode_jpeg(pixels, JPEG_QUALITY), "crop_height": pixels.shape[0],
             "crop_width": pixels.shape[1], "keypoints": kp.reshape(-1).tolist(),

@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -115,10 +116,14 @@ def json_bytes(data: Any, compact: bool = False) -> bytes:
     """Canonical JSON (sorted keys) so equal content gives equal bytes.
 
     Indented for humans by default; ``compact`` for big files (COCO ground
-    truth), which also takes the much faster C encoder.
+    truth), which takes orjson (~10x faster than json here; it writes
+    non-finite numbers as ``null``, keeping the file valid JSON).
     """
     if compact:
-        return (json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        try:
+            return orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits: the stdlib writes them
+            return (json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n").encode()
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
 
