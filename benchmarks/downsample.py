@@ -17,20 +17,28 @@ Both run in this process on one core (OpenCV threads = 1) over coco-mini's
 kept people (train and val, COCO rules), files warm in the page cache, after
 one untimed warm-up run of each. "Per core" rates divide by the process's CPU
 time (``time.process_time``), which other jobs on a shared machine disturb
-far less than wall time (still ~10-20% run to run with both cores busy);
-wall-clock rates are reported next to them. The best of ``--repeats`` runs
+far less than wall time (still ~10-20% run to run with both cores busy,
+and this VM's core speed drifts by up to ~40% over minutes); wall-clock
+rates are reported next to them. The two are timed in turns (ours, naive,
+ours, ...) so a drift hits both, and the best of ``--repeats`` runs of each
 is kept. ``--quick``: 10 val images, one repeat.
 
-Why not 3x: libjpeg's DCT scaling skips only the inverse DCT and colour
-work; entropy decoding still reads every coefficient, so on coco-mini a
-1/8-scale decode costs ~65% of a full one (~1.5 vs ~2.3 ms), and at 64x48
-29 of the 67 images hold a person small enough to need full resolution.
-Measured at 64x48: decoding (~2.1 ms per image) is about half of the stage's
-CPU and the per-call work outside the crops (COCO JSON parsing and planning,
-annotations.json, parquet, manifest and journal writes with fsync) about
-15%; warp, JPEG encode of the crop and row building share the rest. With the
-crops free the stage would reach only ~3.5x; the win is decoding each image
-once for all its people (~3 per image) plus that saving.
+Why not 3x (profiled at 64x48 on 2026-11-24; 2.45x best-of, 814 vs 332
+instances/s per core): one decode per image is the floor, and it is half of
+the stage. libjpeg's DCT scaling skips only the inverse DCT and colour work;
+entropy decoding still reads every coefficient, so a 1/8-scale decode costs
+~55-65% of a full one, and 29 of coco-mini's 67 images hold a person small
+enough to need full resolution. Of the stage's ~250 ms of CPU, decoding is
+~125 ms (~1.9 ms per image) and the C work every crop needs (box reduce,
+bilinear warp, JPEG encode of the crop, then parquet + zstd) ~55 ms. 3x at
+the naive rate measured beside it would be ~205 ms, leaving ~25 ms for COCO
+JSON parsing and planning, row building, annotations.json and the manifest
+and journal writes; they take ~70 ms even after this stop's trimming
+(orjson, closed-form affines, simplejpeg's lighter decode call). Going
+further needs a region decode (libjpeg-turbo's cropping region / skipped
+scanlines: no inverse DCT outside the crops, no entropy decoding below the
+lowest one; ~20 ms here), which no wheel we can install exposes
+(PyTurboJPEG needs the system libturbojpeg).
 
     .venv/bin/python -m benchmarks.downsample [--quick] [--coco PATH] [--sizes 64x48,128x96]
 """
@@ -41,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -106,17 +115,24 @@ def time_naive(jobs: list[tuple[str, Any]], size: str) -> tuple[int, float, floa
 
 
 def measure(root: Path, splits: list[str], size: str, repeats: int, work: Path) -> dict[str, Any]:
-    """One row: best-of-``repeats`` instances/s per core for ours and the naive loop."""
+    """One row: best-of-``repeats`` instances/s per core for ours and the naive loop, and the paired ratio.
+
+    ``ratio`` divides the best rates; ``ratio_paired_median`` is the median
+    over rounds of naive CPU / our CPU timed back to back, which a drifting
+    core speed disturbs less.
+    """
     jobs = naive_jobs(root, splits)
     time_naive(jobs[:5], size)  # warm-up: page cache, OpenCV
     time_ours(root, splits, size, work)  # warm-up: lazy imports, pyarrow, PIL plugins
-    ours = min((time_ours(root, splits, size, work) for _ in range(repeats)), key=lambda r: r[1])
-    naive = min((time_naive(jobs, size) for _ in range(repeats)), key=lambda r: r[1])
+    runs = [(time_ours(root, splits, size, work), time_naive(jobs, size)) for _ in range(repeats)]  # interleaved
+    ours = min((r[0] for r in runs), key=lambda r: r[1])
+    naive = min((r[1] for r in runs), key=lambda r: r[1])
     if ours[0] != naive[0]:
         raise RuntimeError(f"instance counts differ: stage {ours[0]}, naive {naive[0]}")
     ours_rate, naive_rate = ours[0] / ours[1], naive[0] / naive[1]
     return {"input_size": size, "instances": ours[0], "ours_per_core": ours_rate,
             "naive_per_core": naive_rate, "ratio": ours_rate / naive_rate,
+            "ratio_paired_median": statistics.median(n[1] / o[1] for o, n in runs),
             "ours_wall_per_s": ours[0] / ours[2], "naive_wall_per_s": naive[0] / naive[2]}
 
 
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run on 10 val images")
     parser.add_argument("--coco", type=Path, default=DEFAULT_COCO, help="COCO root (default: shared coco-mini)")
     parser.add_argument("--sizes", default="64x48,128x96", help="comma-separated input sizes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -136,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             root, splits, repeats = _subset(args.coco, work / "subset", "val", 10), ["val"], 1
         rows = [measure(root, splits, size, repeats, work) for size in args.sizes.split(",")]
-    print_table(rows, ["input_size", "instances", "ours_per_core", "naive_per_core", "ratio", "ours_wall_per_s",
-                       "naive_wall_per_s"])
+    print_table(rows, ["input_size", "instances", "ours_per_core", "naive_per_core", "ratio", "ratio_paired_median",
+                       "ours_wall_per_s", "naive_wall_per_s"])
     path = write_results("downsample", rows, extra={"quick": args.quick, "coco": str(args.coco),
                                                    "splits": splits, "repeats": repeats})
     print(f"wrote {path}")
