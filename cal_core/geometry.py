@@ -48,6 +48,27 @@ def box_to_center_size(
     return center, np.array([w * padding, h * padding])
 
 
+def warp_coefficients(
+    center: np.ndarray | tuple[float, float], size_wh: np.ndarray | tuple[float, float], rotation_deg: float,
+    output_wh: tuple[int, int]
+) -> tuple[float, float, float, float, float, float]:
+    """The six entries ``(a, b, c, d, e, f)`` of :func:`warp_matrix` as Python floats, row by row.
+
+    For callers that fold more into the affine per sample (the training
+    mirror) without a dozen small numpy calls.
+    """
+    out_w, out_h = output_wh
+    size_w, size_h = (float(v) for v in size_wh)
+    if out_w < 2 or out_h < 2 or not (size_w > 0 and size_h > 0):
+        raise ValueError(f"need output >= 2x2 pixels and a positive size, got {output_wh}, {[size_w, size_h]}")
+    cx, cy = (float(v) for v in center)
+    theta = math.radians(rotation_deg)
+    cos, sin = math.cos(theta), math.sin(theta)
+    sx, sy = (out_w - 1) / size_w, (out_h - 1) / size_h
+    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
+    return a, b, (out_w - 1) / 2.0 - a * cx - b * cy, d, e, (out_h - 1) / 2.0 - d * cx - e * cy
+
+
 def warp_matrix(
     center: np.ndarray | tuple[float, float], size_wh: np.ndarray | tuple[float, float], rotation_deg: float,
     output_wh: tuple[int, int]
@@ -59,20 +80,13 @@ def warp_matrix(
     ``center`` maps to ``((W - 1) / 2, (H - 1) / 2)``. A positive ``rotation_deg``
     turns the person counter-clockwise as seen on screen (y points down), the
     convention of the HRNet/UDP code: the linear part is ``diag(sx, sy) @ R(-theta)``
-    with ``R(theta) = [[cos, -sin], [sin, cos]]``. Built from Python floats: it
-    runs once per crop and per training sample, where a dozen small numpy
-    calls would cost more than the pixel work.
+    with ``R(theta) = [[cos, -sin], [sin, cos]]``. ``center`` and ``size_wh``
+    are pairs (tuples or 1-D arrays). Built from Python floats: it runs once
+    per crop and per training sample, where a dozen small numpy calls would
+    cost more than the pixel work.
     """
-    out_w, out_h = output_wh
-    size_w, size_h = (float(v) for v in np.asarray(size_wh, dtype=np.float64).reshape(2))
-    if out_w < 2 or out_h < 2 or not (size_w > 0 and size_h > 0):
-        raise ValueError(f"need output >= 2x2 pixels and a positive size, got {output_wh}, {[size_w, size_h]}")
-    cx, cy = (float(v) for v in np.asarray(center, dtype=np.float64).reshape(2))
-    theta = math.radians(rotation_deg)
-    cos, sin = math.cos(theta), math.sin(theta)
-    sx, sy = (out_w - 1) / size_w, (out_h - 1) / size_h
-    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
-    return np.array([[a, b, (out_w - 1) / 2.0 - a * cx - b * cy], [d, e, (out_h - 1) / 2.0 - d * cx - e * cy]])
+    a, b, c, d, e, f = warp_coefficients(center, size_wh, rotation_deg, output_wh)
+    return np.array([[a, b, c], [d, e, f]])
 
 
 def affine_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from cal_core.geometry import warp_matrix
+from cal_core.geometry import warp_coefficients, warp_matrix
 from cal_core.skeleton import FLIP_INDEX, LOWER_BODY, UPPER_BODY
 
 
@@ -102,15 +102,14 @@ def udp_affine(
 
     Equal to ``compose_affine(warp_matrix(c', size, r, out), hflip_matrix(W))``
     with ``c'`` the mirrored centre (or ``warp_matrix(c, size, r, out)`` without
-    a mirror); the mirror ``x -> W - 1 - x`` is folded into the first column
-    in place, as this runs once per training sample.
+    a mirror); the mirror ``x -> W - 1 - x`` is folded into the coefficients
+    as floats, as this runs once per training sample.
     """
     if mirror_width is None:
         return warp_matrix(center, size_wh, rotation_deg, output_wh)
-    matrix = warp_matrix((mirror_width - 1.0 - float(center[0]), center[1]), size_wh, rotation_deg, output_wh)
-    matrix[:, 2] += matrix[:, 0] * (mirror_width - 1.0)
-    matrix[:, 0] *= -1.0
-    return matrix
+    w1 = mirror_width - 1.0
+    a, b, c, d, e, f = warp_coefficients((w1 - float(center[0]), center[1]), size_wh, rotation_deg, output_wh)
+    return np.array([[-a, b, c + a * w1], [-d, e, f + d * w1]])
 
 
 def sample_transform(
