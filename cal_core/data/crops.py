@@ -106,13 +106,26 @@ def decode(data: bytes, min_step: float) -> Decoded:
         if width * height > 2 * (Image.MAX_IMAGE_PIXELS or width * height):  # PIL's decompression-bomb limit
             raise ImageDecodeError(f"DecompressionBombError: {width}x{height} pixels is over twice PIL's limit")
         scale = max(s for s in _DCT_SCALES if s <= max(1.0, min_step))
-        try:
-            pixels = simplejpeg.decode_jpeg(data, "BGR", min_factor=scale, min_height=-(-height // scale),
-                                            min_width=-(-width // scale))
+        pixels = _turbo_decode(data, (height, width), scale)
+        if pixels is not None:
             return Decoded(pixels, scale, (width, height))
-        except ValueError:
-            pass  # truncated, corrupt, or a warning PIL tolerates: PIL decides below
     return _pil_decode(data)
+
+
+def _turbo_decode(data: bytes, size_hw: tuple[int, int], scale: int) -> np.ndarray | None:
+    """BGR pixels at ``1 / scale`` (libjpeg's ``ceil`` size), or None if libjpeg-turbo fails or warns.
+
+    The size is checked because the crop geometry relies on the exact DCT
+    factor (``min_factor`` and the minimum size pin it; a library that
+    picked another would otherwise shift every crop silently).
+    """
+    expected = (-(-size_hw[0] // scale), -(-size_hw[1] // scale))
+    try:
+        pixels = simplejpeg.decode_jpeg(data, "BGR", min_factor=scale, min_height=expected[0],
+                                        min_width=expected[1])
+    except ValueError:
+        return None  # truncated, corrupt, or a warning PIL tolerates: PIL decides
+    return pixels if pixels.shape[:2] == expected else None
 
 
 def _pil_decode(data: bytes) -> Decoded:
