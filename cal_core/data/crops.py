@@ -38,7 +38,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from cal_core.geometry import box_to_center_size, compose_affine, warp_matrix
+from cal_core.geometry import box_to_center_size, compose_affine, invert_affine, warp_matrix
 
 #: Library errors that mean "these bytes are not a decodable image".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
@@ -103,7 +103,8 @@ def decode(data: bytes, min_step: float) -> Decoded:
     except ValueError:
         colorspace = None  # not a JPEG libjpeg-turbo can parse
     if colorspace in ("YCbCr", "Gray"):
-        if width * height > 2 * (Image.MAX_IMAGE_PIXELS or width * height):  # PIL's decompression-bomb limit
+        limit = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (None: none), as PIL would apply it
+        if limit and width * height > 2 * limit:
             raise ImageDecodeError(f"DecompressionBombError: {width}x{height} pixels is over twice PIL's limit")
         scale = max(s for s in _DCT_SCALES if s <= max(1.0, min_step))
         pixels = _turbo_decode(data, (height, width), scale)
@@ -166,7 +167,7 @@ def _region(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int], k: i
     Clamped to the image, so reduction blocks start at an image pixel.
     """
     d = decoded.scale
-    (a, b, tx), (c, e, ty) = cv2.invertAffineTransform(matrix).tolist()  # crop px -> source px
+    (a, b, tx), (c, e, ty) = invert_affine(matrix).tolist()  # crop px -> source px
     xs, ys = (-0.5, crop_wh[0] - 0.5), (-0.5, crop_wh[1] - 0.5)
     src_x = [a * x + b * y + tx for x in xs for y in ys]
     src_y = [c * x + e * y + ty for x in xs for y in ys]
