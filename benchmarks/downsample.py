@@ -2,7 +2,7 @@
 
 Ours: the whole stage (:func:`cal_core.data.downsample.downsample`) with one
 worker, which runs in this process (no pool): JSON parsing, one reduced-size
-JPEG decode per image (OpenCV, libjpeg-turbo DCT scaling), box
+JPEG decode per image (simplejpeg, libjpeg-turbo DCT scaling), box
 pre-reduction of the crop's region, bilinear warp, JPEG encode, zstd parquet
 shards, annotations.json and the manifest.
 

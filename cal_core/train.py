@@ -447,7 +447,8 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
     """Epochs from where the session stands to the end (or --max-steps, possibly mid-epoch)."""
     while s.epoch < s.config.epochs and not _done(s):
         metrics = train_epoch(s, tracker)
-        finished = s.epoch_step >= _batches_per_epoch(s)
+        batches = _batches_per_epoch(s)
+        finished = s.epoch_step >= batches
         if finished:
             s.epoch, s.epoch_step = s.epoch + 1, 0
             s.scheduler.step()
@@ -460,7 +461,7 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
                  "" if finished else f" (stopped after batch {s.epoch_step})",
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if tracker is not None:
-            tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / _batches_per_epoch(s)}, step=s.step)
+            tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / batches}, step=s.step)
 
 
 def train(config: TrainConfig) -> str:
