@@ -182,10 +182,10 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
 
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
-    if not config.get("codec", {}).get("radius"):
-        raise ValueError(f"{checkpoint}: its codec has no offset radius (method {config.get('method')!r}); "
-                         "fit-gmm needs a CAL (or UDP) stage-1 model")
     codec = codec_from_config(config)
+    if not codec.has_offsets:  # heatmap/dark configs carry a radius too (unused): ask the codec
+        raise ValueError(f"{checkpoint}: method {config.get('method')!r} predicts no offsets; "
+                         "fit-gmm needs a CAL (or UDP) stage-1 model")
     params = {"checkpoint": checkpoint, "shards": shards, "components": components or "auto",
               "max_components": max_components, "max_samples": max_samples, "seed": seed}
     local = None if "://" in out else out

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cal_core import mgm
-from cal_core.fit_gmm import displacement_stats, fit_mixture, parse_components, plot_displacements, plot_mask
+from cal_core.fit_gmm import (displacement_stats, fit_gmm, fit_mixture, parse_components, plot_displacements,
+                              plot_mask)
 
 
 def _one_component(rng: np.random.Generator, n: int = 2000) -> np.ndarray:
@@ -52,6 +53,24 @@ def test_fixed_components_override_bic_and_say_so() -> None:
 def test_no_displacements_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no displacements"):
         fit_mixture(np.zeros((0, 2)), None, 3)
+
+
+@pytest.mark.parametrize("method", ["heatmap", "dark"])
+def test_a_model_without_offsets_is_refused_before_any_work(method: str, tmp_path) -> None:
+    """heatmap/dark codec configs carry an (unused) radius too: the guard must ask the codec."""
+    import torch
+
+    from cal_core.codecs import build_codec
+    from cal_core.models import build_model
+
+    model = build_model("tiny", "heatmap", input_size=(64, 48))
+    config = {"method": method, "backbone": "tiny", "head": "heatmap", "input_size": [64, 48],
+              "codec": build_codec(method, (64, 48)).config()}
+    assert config["codec"].get("radius")  # the case the guard once missed
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=f"method '{method}' predicts no offsets"):
+        fit_gmm(str(tmp_path / "model.pt"), str(tmp_path / "no-shards"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_parse_components() -> None:
