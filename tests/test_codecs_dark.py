@@ -80,3 +80,19 @@ def test_half_precision_heatmaps_decode_finite() -> None:
     kpts, _ = codec.decode(torch.from_numpy(heat).half())
     assert torch.isfinite(kpts).all()
     np.testing.assert_allclose(kpts.float().numpy(), codec.decode_numpy(heat)[0], atol=0.05)
+
+
+@pytest.mark.parametrize("size", [(8, 16), (16, 8), (8, 8)])
+def test_heatmaps_without_a_3x3_neighbourhood_decode_to_the_argmax(size: tuple[int, int]) -> None:
+    """A 2-pixel heatmap side (8-pixel input) has no pixel DARK can refine: argmax x stride, both backends."""
+    codec = build_codec("dark", size)
+    h, w = codec.heatmap_size
+    heatmap = np.zeros((1, 2, h, w), np.float32)
+    heatmap[0, 0, h - 1, w - 1] = 1.0
+    heatmap[0, 1, 0, 1] = 0.5
+    expected = np.array([[[w - 1, h - 1], [1, 0]]], np.float64) * np.asarray(codec.stride)
+    xy, score = codec.decode(torch.from_numpy(heatmap))
+    np.testing.assert_allclose(xy.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(score.numpy(), [[1.0, 0.5]])
+    xy_np, _ = codec.decode_numpy(heatmap)
+    np.testing.assert_allclose(xy_np, expected, rtol=1e-6)

@@ -69,6 +69,9 @@ class DarkCodec(HeatmapCodec):
         self._check_heatmap(heatmap)
         n, k, h, w = heatmap.shape
         index, xy, score = argmax_torch(heatmap)
+        stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
+        if h < 3 or w < 3:  # no pixel has the 3x3 neighbourhood the Newton step reads: plain argmax
+            return xy * stride, score
         taps = blur_kernel_1d(self.settings.blur_kernel)
         weight = torch.as_tensor(np.tile(np.outer(taps, taps), (k, 1, 1, 1)), dtype=torch.float32, device=heatmap.device)
         # float32 even under AMP: LOG_FLOOR underflows to 0 in float16 and the log would be -inf
@@ -81,7 +84,6 @@ class DarkCodec(HeatmapCodec):
         v = log.gather(-1, centre.unsqueeze(-1) + steps)
         step = _newton_step(v[..., 0], v[..., 1], v[..., 2], v[..., 3], v[..., 4], v[..., 5:])
         step = torch.where(inner.unsqueeze(-1), step, torch.zeros_like(step)).to(heatmap.dtype)
-        stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
         return (xy + step) * stride, score
 
     def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +92,8 @@ class DarkCodec(HeatmapCodec):
         self._check_heatmap(heatmap)
         _, h, w = heatmap.shape[1:]
         _, xy, score = argmax_numpy(heatmap)
+        if h < 3 or w < 3:  # as decode: no 3x3 neighbourhood anywhere
+            return xy * self.stride, score
         kernel = self.settings.blur_kernel
         g = blur_kernel_1d(kernel)
         pad = kernel // 2
