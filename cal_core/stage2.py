@@ -32,11 +32,20 @@ class MaskMaker:
 
     @classmethod
     def from_uri(cls, uri: str, mode: str, radius: float, heatmap_size: tuple[int, int]) -> MaskMaker:
-        """Read the mixture of a ``gmm.json`` written by ``cal-pose fit-gmm`` (local or s3://)."""
+        """Read the mixture of a ``gmm.json`` written by ``cal-pose fit-gmm`` (local or s3://).
+
+        Displacements are in heatmap pixels, so a mixture fitted at another
+        heatmap size (another input size) is refused when the file records it.
+        """
         try:
             data = json.loads(storage.read_bytes(uri))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the GMM file {uri}: {exc}") from exc
+        fitted = data.get("heatmap_size") if isinstance(data, dict) else None
+        if fitted is not None and [int(v) for v in fitted] != [int(v) for v in heatmap_size]:
+            raise ValueError(f"{uri} was fitted on {fitted[0]}x{fitted[1]} heatmaps (input "
+                             f"{data.get('input_size')}); this model's heatmaps are "
+                             f"{heatmap_size[0]}x{heatmap_size[1]}: fit-gmm on the same input size")
         return cls(mgm.GMMParams.from_dict(data, source=uri), mode, radius, heatmap_size)
 
     @torch.no_grad()

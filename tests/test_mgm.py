@@ -237,3 +237,15 @@ def test_batch_masks_end_to_end():
     masks, fitted = mgm.batch_masks(heat, joints, weights, mgm.default_params(), radius=4)
     assert masks.shape == (n, k, h, w) and torch.isfinite(masks).all()
     assert 0.5 < fitted.means[0, 0].item() < 1.5 and abs(fitted.means[0, 1].item()) < 0.5
+
+
+def test_stage2_refuses_a_mixture_fitted_at_another_heatmap_size(tmp_path):
+    """Displacements are in heatmap pixels: a 64x48 gmm.json must not drive 128x96 masks."""
+    from cal_core.stage2 import MaskMaker
+
+    data = {**mgm.fit_gmm_torch(ONE, 1).to_dict(), "heatmap_size": [16, 12], "input_size": [64, 48]}
+    path = tmp_path / "gmm.json"
+    path.write_text(json.dumps(data))
+    assert MaskMaker.from_uri(str(path), "static", 4.0, (16, 12)).heatmap_size == (16, 12)
+    with pytest.raises(ValueError, match=r"gmm.json was fitted on 16x12 heatmaps .* are 32x24"):
+        MaskMaker.from_uri(str(path), "static", 4.0, (32, 24))
