@@ -79,6 +79,28 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out
 
 
+def all_gather_rows(rows: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``rows`` ``(M_r, ...)`` concatenated in rank order (``rows`` itself single-process).
+
+    Ranks may hold different ``M_r`` (e.g. their batch slices' labelled
+    joints): the counts are gathered first and the rows padded to the
+    largest, as ``all_gather`` needs equal shapes.
+    """
+    if not ctx.distributed:
+        return rows
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    if max(sizes) == 0:
+        return rows
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op when single-process)."""
     if ctx.distributed:

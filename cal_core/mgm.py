@@ -41,6 +41,7 @@ Degenerate input, and what it gives (all finite, never NaN):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,11 +360,16 @@ def place_masks(params: GMMParams, joints_hm: torch.Tensor, heatmap_size: tuple[
 
 @torch.no_grad()
 def batch_masks(heatmap: torch.Tensor, joints_hm: torch.Tensor, weights: torch.Tensor, params: GMMParams,
-                radius: float, max_iter: int = 20) -> tuple[torch.Tensor, GMMParams]:
+                radius: float, max_iter: int = 20,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, GMMParams]:
     """Alg. 1 for one mini-batch: displacements, EM warm-started from ``params``, masks.
 
-    Returns the MGMs (N, K, h, w) and the refitted mixture (the next batch's warm start).
+    Returns the MGMs (N, K, h, w) and the refitted mixture (the next batch's
+    warm start). ``gather`` (DDP) collects the displacements of the whole
+    global mini-batch, so every rank fits the same mixture on all of them.
     """
     d = displacements(heatmap, joints_hm, weights)
+    if gather is not None:
+        d = gather(d)
     fitted = fit_gmm_torch(d, params.n_components, init=params, max_iter=max_iter)
     return place_masks(fitted, joints_hm, tuple(heatmap.shape[-2:]), radius), fitted

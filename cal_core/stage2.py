@@ -4,7 +4,9 @@
   ``static`` places the mixture of ``gmm.json`` (fitted over the training set
   by ``cal-pose fit-gmm``) at every joint; ``batch`` refits the mixture on the
   mini-batch's own displacements by EM, warm-started from the previous batch
-  (first from ``gmm.json``), on the training device (Alg. 1).
+  (first from ``gmm.json``), on the training device (Alg. 1); under DDP the
+  displacements of the whole global mini-batch (all ranks), so the ranks
+  keep one mixture.
 - :func:`trainable_parameters` selects what stage 2 optimises: the whole net
   (``all``) or only the parameters that do not reach the heatmap output
   (``offset``: the offset branch, as the authors' offset fine-tuning does).
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,15 +26,19 @@ from cal_core import mgm, storage
 class MaskMaker:
     """MGMs (N, K, h, w) for a batch, from a fixed mixture or refitted per batch (Alg. 1)."""
 
-    def __init__(self, params: mgm.GMMParams, mode: str, radius: float, heatmap_size: tuple[int, int]) -> None:
+    def __init__(self, params: mgm.GMMParams, mode: str, radius: float, heatmap_size: tuple[int, int],
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``gather`` (DDP, ``batch`` mode): displacements of all ranks, so every rank refits one mixture."""
         if mode not in ("static", "batch"):
             raise ValueError(f"mgm update must be 'static' or 'batch', got {mode!r}")
         self.params, self.mode = params, mode
         self.radius = float(radius)
         self.heatmap_size = heatmap_size
+        self.gather = gather
 
     @classmethod
-    def from_uri(cls, uri: str, mode: str, radius: float, heatmap_size: tuple[int, int]) -> MaskMaker:
+    def from_uri(cls, uri: str, mode: str, radius: float, heatmap_size: tuple[int, int],
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MaskMaker:
         """Read the mixture of a ``gmm.json`` written by ``cal-pose fit-gmm`` (local or s3://).
 
         Displacements are in heatmap pixels, so a mixture fitted at another
@@ -46,7 +53,7 @@ class MaskMaker:
             raise ValueError(f"{uri} was fitted on {fitted[0]}x{fitted[1]} heatmaps (input "
                              f"{data.get('input_size')}); this model's heatmaps are "
                              f"{heatmap_size[0]}x{heatmap_size[1]}: fit-gmm on the same input size")
-        return cls(mgm.GMMParams.from_dict(data, source=uri), mode, radius, heatmap_size)
+        return cls(mgm.GMMParams.from_dict(data, source=uri), mode, radius, heatmap_size, gather)
 
     @torch.no_grad()
     def __call__(self, heatmap: torch.Tensor, joints_hm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -55,7 +62,7 @@ class MaskMaker:
         if self.mode == "static":
             return mgm.place_masks(self.params.to(device), joints_hm, self.heatmap_size, self.radius)
         masks, self.params = mgm.batch_masks(heatmap.detach().float(), joints_hm, weights,
-                                             self.params.to(device), self.radius)
+                                             self.params.to(device), self.radius, gather=self.gather)
         return masks
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -219,7 +220,8 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     masks = None
     if config.stage == 2:
         params = trainable_parameters(model, config.stage2_train, input_size)
-        masks = MaskMaker.from_uri(config.gmm, config.mgm_update, codec.radius, codec.heatmap_size)
+        gather = functools.partial(distributed.all_gather_rows, ctx=ctx) if ctx.distributed else None
+        masks = MaskMaker.from_uri(config.gmm, config.mgm_update, codec.radius, codec.heatmap_size, gather)
     ddp_model = model
     if ctx.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(

@@ -90,3 +90,36 @@ def test_two_process_cpu_ddp_trains_once_per_sample_and_rank0_writes(tiny_shards
     final = checkpoint.load(str(out / "model.pt"))
     assert final["step"] == 2 * 3  # 20 samples per rank, batch 8 -> 3 batches per epoch
     assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
+
+
+def _gather_worker(rank: int, world: int, port: int, results) -> None:
+    """One gloo rank: rank r contributes r rows of value r (rank 0 none), returns the gathered rows."""
+    import torch.distributed as dist
+
+    from cal_core.distributed import DistContext, all_gather_rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = torch.full((rank, 2), float(rank))
+        results[rank] = all_gather_rows(rows, DistContext(rank, world, rank, torch.device("cpu"))).tolist()
+        empty = all_gather_rows(torch.zeros(0, 2), DistContext(rank, world, rank, torch.device("cpu")))
+        results[f"empty{rank}"] = list(empty.shape)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_rows_concatenates_uneven_ranks_in_order() -> None:
+    """Stage-2 per-batch refits under DDP fit one mixture on every rank's displacements."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gather_worker, args=(3, port, results), nprocs=3, join=True)
+        expected = [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+        assert [results[r] for r in range(3)] == [expected] * 3
+        assert [results[f"empty{r}"] for r in range(3)] == [[0, 2]] * 3

@@ -249,3 +249,26 @@ def test_stage2_refuses_a_mixture_fitted_at_another_heatmap_size(tmp_path):
     assert MaskMaker.from_uri(str(path), "static", 4.0, (16, 12)).heatmap_size == (16, 12)
     with pytest.raises(ValueError, match=r"gmm.json was fitted on 16x12 heatmaps .* are 32x24"):
         MaskMaker.from_uri(str(path), "static", 4.0, (32, 24))
+
+
+def test_batch_mode_fits_the_gathered_displacements():
+    """With ``gather`` (DDP), the refit sees every rank's displacements, not only this rank's."""
+    from cal_core.stage2 import MaskMaker
+
+    heat = torch.zeros(1, 2, 16, 12)
+    heat[0, 0, 5, 4] = 1.0
+    heat[0, 1, 9, 7] = 1.0
+    joints = torch.tensor([[[4.0, 5.0], [7.0, 9.0]]])  # this rank: displacements exactly (0, 0)
+    weights = torch.ones(1, 2)
+    other_rank = torch.tensor([[2.0, -1.0], [2.0, -1.0]], dtype=torch.float32)
+    seen = []
+
+    def gather(d: torch.Tensor) -> torch.Tensor:
+        seen.append(d.clone())
+        return torch.cat([d, other_rank])
+
+    maker = MaskMaker(params([1.0], [[0.0, 0.0]], [np.eye(2)]), "batch", 4.0, (16, 12), gather=gather)
+    maker(heat, joints, weights)
+    assert seen and torch.equal(seen[0], torch.zeros(2, 2))
+    # one component: its mean is the mean of all four displacements, (1, -0.5), not this rank's (0, 0)
+    assert torch.allclose(maker.params.means[0].float(), torch.tensor([1.0, -0.5]), atol=1e-6)
