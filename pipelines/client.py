@@ -1,8 +1,11 @@
 """Submit the compiled pipeline to a Kubeflow Pipelines server and schedule recurring runs (``kfp.Client``).
 
 Credentials come only from the environment: ``KFP_EXISTING_TOKEN`` (a bearer
-token, e.g. from ``kubectl create token``) when the endpoint needs one;
-``kfp.Client`` also picks up in-cluster service-account tokens by itself.
+token, e.g. from ``kubectl create token``) when the endpoint needs one, else
+the projected service-account token file at ``$KF_PIPELINES_SA_TOKEN_PATH``
+(default ``/var/run/secrets/kubeflow/pipelines/token``, what the chart's setup
+Job mounts), re-read on every request as the kubelet refreshes it.
+``kfp.Client`` does not look for that file itself once a host is given.
 
 Cron: KFP's scheduler uses robfig/cron with a leading *seconds* field (six
 fields, ``"0 30 2 * * *"`` = 02:30:00 daily). :func:`kfp_cron` accepts the
@@ -20,6 +23,9 @@ import yaml
 from pipelines.compile import DEFAULT_OUTPUT
 
 TOKEN_ENV = "KFP_EXISTING_TOKEN"
+#: kfp's own variable for the projected service-account token file, and kfp's default path.
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+DEFAULT_SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 #: (name, low, high) of the six robfig/cron fields.
 CRON_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
                ("month", 1, 12), ("day of week", 0, 6))
@@ -102,10 +108,23 @@ def parse_arguments(pairs: list[str], package: str | Path = DEFAULT_OUTPUT) -> d
 
 
 def connect(host: str, namespace: str = "kubeflow") -> Any:
-    """A ``kfp.Client`` for ``host`` with the bearer token from ``$KFP_EXISTING_TOKEN`` if set."""
+    """A ``kfp.Client`` for ``host``, authenticated as :func:`credentials` says."""
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get(TOKEN_ENV) or None)
+    return kfp.Client(host=host, namespace=namespace, **credentials())
+
+
+def credentials() -> dict[str, Any]:
+    """``kfp.Client`` auth arguments: ``$KFP_EXISTING_TOKEN``, else the service-account token file if present."""
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        return {"existing_token": token}
+    path = os.environ.get(SA_TOKEN_PATH_ENV) or DEFAULT_SA_TOKEN_PATH
+    if os.path.isfile(path):
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        return {"credentials": ServiceAccountTokenVolumeCredentials(path)}
+    return {}
 
 
 def submit(client: Any, arguments: dict[str, Any], run_name: str, experiment: str,

@@ -222,6 +222,49 @@ def test_bad_cron_fails_before_anything_is_deleted():
     assert fake.calls == []
 
 
+def _healthz_server():
+    """A local endpoint answering KFP's health check and recording each request's Authorization header."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"multi_user": false}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+@pytest.mark.parametrize("source", ["token-file", "env-token", "none"])
+def test_connect_sends_the_token_kfp_client_would_not_find_itself(source, tmp_path, monkeypatch):
+    """With a host given, kfp.Client ignores the projected service-account token: connect() passes it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token-1")
+    monkeypatch.delenv(client.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(client.SA_TOKEN_PATH_ENV, str(token_file if source == "token-file" else tmp_path / "absent"))
+    if source == "env-token":
+        monkeypatch.setenv(client.TOKEN_ENV, "user-token")
+    server, seen = _healthz_server()
+    try:
+        client.connect(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    expected = {"token-file": "Bearer sa-token-1", "env-token": "Bearer user-token", "none": None}[source]
+    assert seen and seen[-1] == expected
+
+
 def test_upload_creates_the_pipeline_or_a_new_version():
     fake = FakeClient()
     assert client.upload(fake, "new-pipeline", "v1") == "pipe-new"
