@@ -6,10 +6,14 @@ pipeline must run locally (``make run``) and in a cluster. For methods other
 than ``cal`` the fit-GMM and stage-2 tasks pass through (see components/).
 
 Cluster settings live on the tasks and are ignored by kfp.local: GPU
-(``nvidia.com/gpu``) and memory requests, retries for training (which resumes),
-caching for downsampling, and the environment from Kubernetes: S3 and MLflow
-credentials from Secrets, endpoints from a ConfigMap (names below; the Helm
-chart in charts/cal-pose creates them). No credential is ever a parameter.
+(``nvidia.com/gpu``) and memory requests, an in-memory ``/dev/shm`` for the
+tasks whose DataLoader workers pass batches through shared memory (a pod's
+default is 64 MiB), retries for training (which resumes), caching for
+downsampling, image pull Secrets, and the environment from Kubernetes: S3 and
+MLflow credentials from Secrets, endpoints from a ConfigMap (names below; the
+Helm chart in charts/cal-pose creates them). No credential is ever a
+parameter. Compile-time settings come from the environment (the chart's setup
+Job sets them from its values).
 """
 
 
@@ -34,6 +38,10 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "A
 MLFLOW_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
 CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}
+#: Accelerator resource of the GPU stages; "none" compiles a CPU-only pipeline (with CPU-only images).
+ACCELERATOR = os.environ.get("CAL_POSE_ACCELERATOR", "nvidia.com/gpu")
+#: Comma-separated docker-registry Secret names every task pulls its image with (empty: none).
+IMAGE_PULL_SECRETS = [n.strip() for n in os.environ.get("CAL_POSE_IMAGE_PULL_SECRETS", "").split(",") if n.strip()]
 #: Retries of a training task (each resumes from the last checkpoint).
 TRAIN_RETRIES = 3
 
@@ -46,11 +54,20 @@ def _environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False) -> dsl.PipelineTask:
-    """CPU/memory requests (memory also as limit) and, for GPU stages, one ``nvidia.com/gpu``."""
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False,
+               shm: str = "") -> dsl.PipelineTask:
+    """CPU/memory requests (memory also as limit), one accelerator for GPU stages, ``/dev/shm`` of ``shm``.
+
+    The shared memory counts against the memory limit (emptyDir ``Memory``).
+    """
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
-    if gpu:
-        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    if gpu and ACCELERATOR != "none":
+        task.set_accelerator_type(ACCELERATOR).set_accelerator_limit(1)
+    if shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=shm)
+    if IMAGE_PULL_SECRETS:
+        kubernetes.set_image_pull_secrets(task, IMAGE_PULL_SECRETS)
     return _environment(task)
 
 
@@ -125,7 +142,7 @@ def cal_pipeline(
                 "seed": seed, "amp": amp, "workers": workers,
                 "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
     stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps, **training)
-    _resources(stage1, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
+    _resources(stage1, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
 
     gmm = fit_gmm(checkpoint=stage1.outputs["model"], shards=shards["train"], input_size=input_size, method=method,
                   components=gmm_components, max_components=max_gmm_components, **tracking)
@@ -133,7 +150,7 @@ def cal_pipeline(
 
     stage2 = train_stage2(shards=shards["train"], init=stage1.outputs["model"], gmm=gmm.outputs["gmm"],
                           epochs=epochs_stage2, lr=lr_stage2, mgm_update=mgm_update, **training)
-    _resources(stage2, "8", "32Gi", gpu=True).set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
+    _resources(stage2, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
 
     exported = export_onnx(checkpoint=stage2.outputs["model"], flip_test=flip_test, **tracking)
     _resources(exported, "2", "8Gi").set_display_name("export-onnx")

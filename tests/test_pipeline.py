@@ -92,6 +92,28 @@ def test_gpu_memory_and_retries_on_training(spec):
         assert "accelerator" not in _executor(spec, tasks[name]).get("resources", {})
 
 
+def test_training_pods_get_shared_memory_for_loader_workers(spec):
+    """DataLoader workers pass batches through /dev/shm, 64 MiB by default in a pod."""
+    executors, tasks = _platform(), _tasks(spec)
+    for name in TRAINING:
+        label = spec["components"][tasks[name]["componentRef"]["name"]]["executorLabel"]
+        mounts = executors[label]["emptyDirMounts"]
+        assert [(m["mountPath"], m["medium"]) for m in mounts] == [("/dev/shm", "Memory")], name
+        assert mounts[0]["sizeLimit"] == "4Gi"
+
+
+def test_cpu_only_and_pull_secrets_are_compile_time_settings(tmp_path):
+    custom = list(yaml.safe_load_all(_compile(tmp_path, CAL_POSE_ACCELERATOR="none",
+                                              CAL_POSE_IMAGE_PULL_SECRETS="regcred, other").read_text()))
+    executors = custom[0]["deploymentSpec"]["executors"]
+    assert not [label for label, e in executors.items() if "accelerator" in e["container"].get("resources", {})]
+    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(platform) == set(executors)
+    for config in platform.values():
+        assert [s["secretName"] for s in config["imagePullSecret"]] == ["regcred", "other"]
+    assert not [c for c in _platform().values() if "imagePullSecret" in c]
+
+
 def test_caching_downsample_yes_register_no(spec):
     tasks = _tasks(spec)
     assert tasks["downsample-train"]["cachingOptions"].get("enableCache") is True
