@@ -50,6 +50,7 @@ HTTP_DEFAULTS = {
 }
 PROBE_TIMEOUT_S = 3.0
 _SECRET_NAME = re.compile(r"(secret|passw|passwd|token|api[_-]?key|access[_-]?key|credential|auth)", re.I)
+_KEY_ID = re.compile(r"key[_-]?id$", re.I)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MAX_PARAM_CHARS = 6000
 #: MLflow error codes that mean "this call was wrong", not "the server is gone".
@@ -75,20 +76,34 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
-def _secret_values() -> set[str]:
-    """Values of secret-looking environment variables (never to be logged, whatever the key)."""
-    return {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 4}
+def _secret_values() -> list[str]:
+    """Values of secret-looking environment variables (never to be logged, whatever the key), longest first.
+
+    Key *ids* (``AWS_ACCESS_KEY_ID``) are identifiers, not secrets: often short
+    words such as Kubeflow MinIO's ``minio`` that also occur in bucket names.
+    """
+    values = {v for k, v in os.environ.items() if is_secret_name(k) and not _KEY_ID.search(k) and len(v) >= 4}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with any URI ``user:password@`` part and every secret value replaced by ``***``."""
+    if "://" in text:
+        text = " ".join(redact_uri(word) if "://" in word else word for word in text.split(" "))
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Stringify params for MLflow, dropping secrets and fixing key characters and length."""
+    """Stringify params for MLflow: secret-named keys dropped, secrets in values masked, keys fixed, length cut."""
     secrets = _secret_values()
     out: dict[str, str] = {}
     for key, value in params.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        if is_secret_name(str(key)) or any(s in text for s in secrets):
+        if is_secret_name(str(key)):
             continue
-        out[_BAD_KEY_CHARS.sub("_", str(key))] = text[:_MAX_PARAM_CHARS]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out[_BAD_KEY_CHARS.sub("_", str(key))] = scrub(text, secrets)[:_MAX_PARAM_CHARS]
     return out
 
 
@@ -142,7 +157,7 @@ class Tracker:
             run = self._client.create_run(exp_id, run_name=self.name, tags=tags)
             self.run_id = run.info.run_id
             log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, self.name, experiment,
-                     _redact_uri(uri))
+                     redact_uri(uri))
         except Exception as exc:  # noqa: BLE001 - tracking must never kill the stage
             self._client = None
             self._offline("start", {"experiment": experiment, "tags": tags}, reason=exc)
@@ -235,8 +250,8 @@ class Tracker:
         self._call("end", {"status": status}, lambda: self._client.set_terminated(self.run_id, status))
 
 
-def _redact_uri(uri: str) -> str:
-    """The URI without any ``user:password@`` part, for log lines."""
+def redact_uri(uri: str) -> str:
+    """The URI without any ``user:password@`` part, for log lines, summaries and params."""
     parsed = urlparse(uri)
     if parsed.password or parsed.username:
         return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
@@ -362,7 +377,7 @@ def _registry_client() -> Any:
         _probe(uri)
         return _make_client(uri)
     except Exception as exc:  # noqa: BLE001
-        raise RegistryError(f"MLflow registry at {_redact_uri(uri)} is unreachable: {exc}") from exc
+        raise RegistryError(f"MLflow registry at {redact_uri(uri)} is unreachable: {exc}") from exc
 
 
 def register_onnx(tracker: Tracker, onnx_path: str | Path, name: str, tags: Mapping[str, Any]) -> str:

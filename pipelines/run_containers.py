@@ -91,7 +91,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     setup = run_local.prepare_run(args, suffix="-containers")
     uri = tracking.tracking_uri()
     print(f"run {setup.run_id}: every stage in its image ({images.registry()}/<stage>:{images.tag()}), "
-          f"artifacts in {setup.run_dir}, MLflow at {uri}", flush=True)
+          f"artifacts in {setup.run_dir}, MLflow at {tracking.redact_uri(uri)}", flush=True)
 
     runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
     local.init(runner=runner, pipeline_root=str(setup.run_dir / "artifacts"), raise_on_error=True)

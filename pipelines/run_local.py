@@ -129,7 +129,7 @@ def finish_run(setup: RunSetup, parent: tracking.Tracker, decision: str, extra: 
     parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
     parent.set_tags({"registry_decision": decision})
     summary = {
-        "run_id": setup.run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.tracking_uri(), **extra,
+        "run_id": setup.run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.redact_uri(tracking.tracking_uri()), **extra,
         "data": setup.coco, "arguments": setup.arguments, "metrics": doc["metrics"], "registry": decision,
         "run_dir": str(setup.run_dir), "artifacts": str(evaluation.parents[2]),
         "wall_seconds": round(time.monotonic() - setup.started, 1),
@@ -145,7 +145,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.cal_pipeline import cal_pipeline
 
     setup = prepare_run(args)
-    print(f"run {setup.run_id}: artifacts in {setup.run_dir}, MLflow at {tracking.tracking_uri()}", flush=True)
+    print(f"run {setup.run_id}: artifacts in {setup.run_dir}, MLflow at {tracking.redact_uri(tracking.tracking_uri())}", flush=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(setup.run_dir / "artifacts"),
                raise_on_error=True)
     with tracking.pipeline_run(setup.run_id, args.experiment, params=setup.arguments,

@@ -91,11 +91,23 @@ def test_stage_runs_are_children_of_the_pipeline_run(sqlite_uri: str, monkeypatc
 def test_secrets_never_logged(sqlite_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     params = {"aws_secret_access_key": "x", "db_password": "y", "api_token": "z",
-              "endpoint": "http://u:s3cr3t-value@host", "lr": 0.1}
-    assert tracking.clean_params(params) == {"lr": "0.1"}
+              "endpoint": "http://u:pw@host:9000/x", "cmd": "--key s3cr3t-value --lr 1", "lr": 0.1}
+    expected = {"endpoint": "http://host:9000/x", "cmd": "--key *** --lr 1", "lr": "0.1"}
+    assert tracking.clean_params(params) == expected
     with tracking.stage_run("train", params=params) as t:
         run_id = t.run_id
-    assert MlflowClient(sqlite_uri).get_run(run_id).data.params == {"lr": "0.1"}
+    assert MlflowClient(sqlite_uri).get_run(run_id).data.params == expected
+
+
+def test_key_ids_and_short_words_do_not_swallow_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubeflow's MinIO key id is "minio": params naming minio buckets must survive (they once vanished)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minio123")
+    params = {"coco_uri": "s3://minio-data/coco", "endpoint": "http://minio-service.kubeflow:9000",
+              "note": "key minio123"}
+    assert tracking.clean_params(params) == {"coco_uri": "s3://minio-data/coco",
+                                             "endpoint": "http://minio-service.kubeflow:9000",
+                                             "note": "key ***"}
 
 
 def test_unreachable_server_falls_back_to_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
