@@ -387,6 +387,31 @@ def test_parallel_workers_give_identical_bytes(coco_mini: Path, tmp_path: Path) 
     assert _files(one) == _files(two)
 
 
+@pytest.mark.timeout(120)
+def test_a_killed_worker_is_an_error_not_a_hang_and_a_rerun_completes(coco_mini: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed mid-run (the OOM killer, a decoder crash) must not leave the run waiting forever."""
+    root = _small_root(coco_mini, tmp_path, n_images=8)
+    gt = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())
+    victim = (root / "val2017" / sorted(i["file_name"] for i in gt["images"])[4]).read_bytes()
+    real_decode = crops.decode
+
+    def dying_decode(data: bytes, min_step: float) -> crops.Decoded:
+        if data == victim:
+            os._exit(137)  # in the forked worker: as SIGKILL would, without cleanup
+        return real_decode(data, min_step)
+
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    with monkeypatch.context() as patch:
+        patch.setattr(crops, "decode", dying_decode)
+        with pytest.raises(downsample.WorkerCrashError, match=r"worker process died .* rerun the same command"):
+            downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=2, workers=2, progress=False)
+    assert not (out / "64x48" / "manifest.json").exists()
+    downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=2, workers=2, progress=False)
+    downsample.downsample(str(root), "val", str(reference), ["64x48"], shard_size=2, workers=1, progress=False)
+    assert _files(out) == _files(reference)
+
+
 def test_detections_as_box_source(coco_mini: Path, tmp_path: Path) -> None:
     root = _small_root(coco_mini, tmp_path, n_images=6)
     gt = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())

@@ -14,9 +14,11 @@ augmented view stays inside real pixels instead of black fill.
 
 Work and reliability:
 
-- images are decoded once for all sizes, in worker processes (``imap``,
-  ordered, so rows and shards are deterministic), with a bounded number in
-  flight; shards stream out as they fill (never the whole set in memory);
+- images are decoded once for all sizes, in worker processes (consumed in
+  order, so rows and shards are deterministic), with a bounded number in
+  flight; shards stream out as they fill (never the whole set in memory); a
+  worker killed mid-run (out of memory) stops the run with an error naming
+  the image, instead of a hang;
 - every write is atomic; after each shard a journal (``_progress.json``)
   records the finished shards and where the next one starts; the manifest
   is written last. A rerun verifies existing shards (rows + sha256) and only
@@ -29,11 +31,13 @@ Work and reliability:
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import multiprocessing
 import os
-import threading
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +62,10 @@ IN_FLIGHT_PER_WORKER = 8
 
 class DownsampleError(ValueError):
     """A skip under ``strict`` or invalid settings; the message names the record and file."""
+
+
+class WorkerCrashError(RuntimeError):
+    """A worker process died mid-run; the message names the image it may have died on."""
 
 
 @dataclass(frozen=True)
@@ -134,32 +142,35 @@ def _results(tasks: Sequence[coco.ImageTask], job: Job, workers: int) -> Iterato
     """:func:`process_image` over ``tasks`` in order, in worker processes with a bounded number in flight.
 
     The window keeps finished-but-unconsumed results (crops of every size)
-    bounded. If the consumer stops early (error, strict skip), the feeder is
-    told to stop so the pool can shut down instead of waiting on it.
+    bounded. A worker that dies (killed when out of memory, a crash in a
+    decoder) is a :class:`WorkerCrashError`, not a hang; the journal lets a
+    rerun resume. If the consumer stops early (error, strict skip), queued
+    images are cancelled.
     """
     if workers <= 1:
         for task in tasks:
             yield process_image(task, job)
         return
-    window = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
-    stop = threading.Event()
-
-    def feed() -> Iterator[coco.ImageTask]:
-        for task in tasks:
-            while not window.acquire(timeout=0.1):
-                if stop.is_set():
-                    return
-            if stop.is_set():
-                return
-            yield task
-
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (job,)) as pool:
-        try:
-            for result in pool.imap(process_image, feed(), chunksize=1):
-                window.release()
-                yield result
-        finally:
-            stop.set()
+    queue = iter(tasks)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_init_worker, initargs=(job,))
+    try:
+        pending = deque((task, pool.submit(process_image, task))
+                        for task in itertools.islice(queue, IN_FLIGHT_PER_WORKER * workers))
+        while pending:
+            task, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool as exc:
+                raise WorkerCrashError(
+                    f"a downsampling worker process died (killed, e.g. out of memory, or crashed) with "
+                    f"{task.file_name} (image {task.image_id}) or a later image in flight; rerun the same "
+                    "command to resume from the last complete shard") from exc
+            for nxt in itertools.islice(queue, 1):
+                pending.append((nxt, pool.submit(process_image, nxt)))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
