@@ -183,6 +183,27 @@ def test_decode_reads_other_formats_at_full_size(fmt: str) -> None:
     assert np.array_equal(decoded.pixels, rgb[:, :, ::-1])
 
 
+@pytest.mark.parametrize("fmt", [".png", ".tiff"])
+def test_decode_scales_16_bit_grayscale_to_its_high_byte(fmt: str) -> None:
+    """16-bit gray reads as OpenCV reads it (value >> 8), not clipped to white as PIL's convert("RGB") does."""
+    gray = np.array([[0, 255, 256, 32768], [40000, 65535, 511, 12345]], dtype=np.uint16)
+    ok, data = cv2.imencode(fmt, gray)
+    assert ok
+    decoded = crops.decode(data.tobytes(), 1.0)
+    expected = np.array([[0, 0, 1, 128], [156, 255, 1, 48]], dtype=np.uint8)
+    assert decoded.size == (4, 2)
+    assert np.array_equal(decoded.pixels, np.repeat(expected[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=np.int32).reshape(2, 3) * 70000,
+                                   np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)])
+def test_decode_refuses_32_bit_samples_with_a_reason(array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "TIFF")
+    with pytest.raises(crops.ImageDecodeError, match=r"^unsupported pixel format: PIL mode '(I|F)'"):
+        crops.decode(buffer.getvalue(), 1.0)
+
+
 def test_box_reduce_is_the_exact_block_mean_with_black_past_the_image_edge() -> None:
     pixels = np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8)
     left, top = 4, 3  # the box ends at the image edge, so the last blocks are partly outside

@@ -133,10 +133,25 @@ def _pil_decode(data: bytes) -> Decoded:
     """Full-size BGR pixels of any image PIL reads; :class:`ImageDecodeError` with PIL's reason if broken."""
     try:
         image = Image.open(io.BytesIO(data))
+        if image.mode.startswith("I;16"):
+            return Decoded(_gray16_to_bgr(np.asarray(image)), 1, image.size)
+        if image.mode in ("I", "F"):  # 32-bit integer or float samples: no defined 8-bit range
+            raise ImageDecodeError(f"unsupported pixel format: PIL mode {image.mode!r} (32-bit samples)")
         rgb = np.asarray(image.convert("RGB"))
+    except ImageDecodeError:
+        raise
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
     return Decoded(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1, image.size)
+
+
+def _gray16_to_bgr(gray: np.ndarray) -> np.ndarray:
+    """16-bit grayscale as 8-bit BGR, the high byte (as OpenCV reads 16-bit images).
+
+    PIL's ``convert("RGB")`` clips 16-bit values at 255 instead: nearly white.
+    """
+    high = (gray.astype(np.uint16) >> 8).astype(np.uint8)
+    return np.repeat(high[..., None], 3, axis=2)
 
 
 def render(decoded: Decoded, matrix: np.ndarray, crop_wh: tuple[int, int]) -> np.ndarray:
