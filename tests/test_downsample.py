@@ -355,6 +355,91 @@ def _small_root(coco_mini: Path, tmp: Path, n_images: int = 12) -> Path:
     return root
 
 
+def _odd_root(coco_mini: Path, tmp: Path) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
+    """A val root of 4 coco-mini images whose GT omits what other COCO exporters often omit."""
+    root = _small_root(coco_mini, tmp, n_images=4)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    for ann in gt["annotations"]:
+        for key in ("iscrowd", "area", "num_keypoints", "segmentation"):
+            ann.pop(key, None)
+    return root, list(gt["annotations"]), gt
+
+
+def test_annotations_json_is_complete_for_pycocotools_when_the_source_omits_fields(coco_mini: Path,
+                                                                                   tmp_path: Path) -> None:
+    """No iscrowd/area/num_keypoints in the source: annotations.json still evaluates (it once KeyError'd)."""
+    from cal_core import evaluate
+
+    root, anns, gt = _odd_root(coco_mini, tmp_path)
+    gt["images"][0]["width"] = float(gt["images"][0]["width"])  # "640.0": an integer all the same
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    written = json.loads((out / "64x48" / "annotations.json").read_text())
+    assert len(written["images"]) == 4 and len(written["annotations"]) == len(anns)
+    for ann in written["annotations"]:
+        assert ann["iscrowd"] == 0 and ann["area"] == pytest.approx(ann["bbox"][2] * ann["bbox"][3])
+        assert ann["num_keypoints"] == sum(v > 0 for v in ann["keypoints"][2::3])
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+               for a in written["annotations"] if a["num_keypoints"]]
+    metrics = evaluate.coco_keypoint_ap(out / "64x48" / "annotations.json", results)
+    assert metrics["AP"] == pytest.approx(1.0)
+
+
+def test_detection_runs_still_check_the_ground_truth(coco_mini: Path, tmp_path: Path) -> None:
+    """With detections as boxes the GT still goes to annotations.json: its broken records are skipped too."""
+    root, anns, gt = _odd_root(coco_mini, tmp_path)
+    short, nan_box = anns[0], anns[1]
+    short["keypoints"] = short["keypoints"][:-3]
+    nan_box["bbox"] = [float("nan"), 1.0, 2.0, 3.0]
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    dets = tmp_path / "dets.json"
+    _write_json(dets, [{"image_id": a["image_id"], "category_id": 1, "bbox": [5, 5, 40, 80], "score": 0.9}
+                       for a in anns[2:]])
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], detections=str(dets), workers=1, progress=False)
+    manifest = _manifest(out / "64x48")
+    assert {(s["ann_id"], s["reason"]) for s in manifest["skipped"]} == {(short["id"], "bad_keypoints"),
+                                                                         (nan_box["id"], "bad_box")}
+    written = json.loads((out / "64x48" / "annotations.json").read_text())
+    assert {a["id"] for a in written["annotations"]} == {a["id"] for a in anns[2:]}
+    with pytest.raises(downsample.DownsampleError, match="bad_keypoints|bad_box"):
+        downsample.downsample(str(root), "val", str(tmp_path / "strict"), ["64x48"], detections=str(dets),
+                              workers=1, strict=True, progress=False)
+
+
+def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path) -> None:
+    root, anns, gt = _odd_root(coco_mini, tmp_path)
+    first_image = gt["images"][0]
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(coco_mini / "val2017" / first_image["file_name"], outside)
+    gt["images"] += [dict(first_image, file_name="other.jpg"),  # same id, another file
+                     dict(first_image, id=777, file_name=str(outside))]  # absolute: outside the image folder
+    twin = dict(anns[0], bbox=[1, 1, 5, 5])  # same id, other record: the first one is kept
+    huge = dict(anns[1], bbox=[5, 5, 1e300, 1.0], id=10**12)  # finite, but no invertible crop affine
+    big_id = dict(anns[1], id=2**64)
+    gt["annotations"] += [twin, huge, big_id, dict(anns[1], id=10**12 + 1, image_id=777)]
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    out = tmp_path / "out"
+    report = downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    reasons = {(s["image_id"], s["ann_id"], s["reason"]) for s in _manifest(out / "64x48")["skipped"]}
+    assert reasons == {(first_image["id"], -1, "duplicate_id"), (777, -1, "bad_image_record"),
+                       (anns[0]["image_id"], anns[0]["id"], "duplicate_id"),
+                       (anns[1]["image_id"], 10**12, "bad_box"), (anns[1]["image_id"], -1, "bad_record"),
+                       (777, 10**12 + 1, "unknown_image")}
+    assert report["64x48"]["counts"]["instances"] == len(anns)
+    rows = _rows(out / "64x48")
+    assert sorted(r["ann_id"] for r in rows) == sorted(a["id"] for a in anns)
+    first_row = next(r for r in rows if r["ann_id"] == anns[0]["id"])
+    assert first_row["bbox"] == pytest.approx(anns[0]["bbox"])
+    written = json.loads((out / "64x48" / "annotations.json").read_text())
+    assert sorted(a["id"] for a in written["annotations"]) == sorted(a["id"] for a in anns)
+    assert next(a for a in written["annotations"] if a["id"] == anns[0]["id"])["bbox"] == pytest.approx(
+        anns[0]["bbox"])
+    assert [i["file_name"] for i in written["images"] if i["id"] == first_image["id"]] == [first_image["file_name"]]
+
+
 def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:
     root = _small_root(coco_mini, tmp_path)
     out = tmp_path / "out"
@@ -525,3 +610,10 @@ def test_shard_readers_reject_corrupt_or_mismatched_shards(full: dict[str, Path]
         shards.read_manifest(str(folder))
     with pytest.raises(shards.ShardError, match="cannot read"):
         shards.read_manifest(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("margin", [0.5, float("nan"), float("inf")])
+def test_bad_margin_is_a_clear_error(tmp_path: Path, margin: float) -> None:
+    with pytest.raises(downsample.DownsampleError, match="margin >= 1"):
+        downsample.downsample(str(tmp_path / "coco"), "val", str(tmp_path / "out"), ["64x48"], margin=margin,
+                              workers=1, progress=False)

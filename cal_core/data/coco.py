@@ -46,6 +46,9 @@ OUTSIDE_IMAGE = "outside_image"
 MISSING_FILE = "missing_file"
 CORRUPT_IMAGE = "corrupt_image"
 SIZE_MISMATCH = "size_mismatch"
+DUPLICATE_ID = "duplicate_id"
+#: Person box sides (px) outside this range are broken records (their crop affine would not be invertible).
+BOX_SIDE_RANGE = (1e-3, 1e7)
 
 
 class AnnotationFileError(ValueError):
@@ -163,8 +166,15 @@ def check_detections(data: Any, uri: str) -> list[dict[str, Any]]:
 
 
 def _int_id(value: Any) -> int | None:
-    """``value`` as an id if it is an integer (bools are not), else None."""
-    return int(value) if isinstance(value, int | np.integer) and not isinstance(value, bool) else None
+    """``value`` as a 64-bit id if it is an integer or an integral float (bools are not), else None.
+
+    Shards store ids as int64; some exporters write ``640.0`` for integers.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int | np.integer) or isinstance(value, bool):
+        return None
+    return int(value) if -(2**63) <= value < 2**63 else None
 
 
 def _or_minus_one(value: int | None) -> int:
@@ -180,18 +190,20 @@ def _image_record(img: Any) -> tuple[int, str, int, int] | None:
     name = img.get("file_name")
     if image_id is None or not isinstance(name, str) or not name or not width or not height:
         return None
-    if width <= 0 or height <= 0 or ".." in name.split("/"):
-        return None
+    if width <= 0 or height <= 0 or ".." in name.split("/") or name.startswith("/") or "://" in name:
+        return None  # a name must stay inside the image folder
     return image_id, name, width, height
 
 
 def parse_box(box: Any) -> tuple[float, float, float, float] | None:
-    """A finite ``(x, y, w, h)`` with positive size, else None."""
+    """A finite ``(x, y, w, h)`` with sides in :data:`BOX_SIDE_RANGE`, else None."""
     try:
         values = tuple(float(v) for v in box)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    if len(values) != 4 or not all(math.isfinite(v) for v in values) or values[2] <= 0 or values[3] <= 0:
+    low, high = BOX_SIDE_RANGE
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) \
+            or not (low <= values[2] <= high and low <= values[3] <= high):
         return None
     return values  # type: ignore[return-value]
 
@@ -254,6 +266,9 @@ def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, 
             image_id = _int_id(img.get("id")) if isinstance(img, dict) else None
             name = img.get("file_name", "") if isinstance(img, dict) else ""
             plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD))
+        elif record[0] in images:  # the first record of an id wins, the same as gt_subset's
+            if record != images[record[0]]:
+                plan.skipped.append(Skip(record[0], -1, record[1], DUPLICATE_ID))
         else:
             images[record[0]] = record
     return images
@@ -262,6 +277,7 @@ def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, 
 def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPlan) -> dict[int, list]:
     """Kept GT people per image id (sorted by ann id); skips and exclusions recorded in ``plan``."""
     per_image: dict[int, list[Instance]] = {}
+    seen: set[int] = set()
     for ann in sorted(coco["annotations"], key=_ann_sort_key):
         if not isinstance(ann, dict):
             plan.skipped.append(Skip(-1, -1, "", BAD_RECORD))
@@ -272,6 +288,10 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
         if ann_id is None or image_id is None:
             plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD))
             continue
+        if ann_id in seen:  # the first (in file order: the sort is stable) wins, as in gt_subset
+            plan.skipped.append(Skip(image_id, ann_id, "", DUPLICATE_ID))
+            continue
+        seen.add(ann_id)
         if image_id not in images:
             plan.skipped.append(Skip(image_id, ann_id, "", UNKNOWN_IMAGE))
             continue
@@ -347,7 +367,10 @@ def plan_split(
     images = _images(coco, plan)
     if detections is None:
         per_image = _gt_candidates(coco, split, images, plan)
-    else:
+    else:  # the GT still goes to annotations.json for pycocotools: its broken records are skipped too
+        gt_check = SplitPlan(tasks=[])
+        _gt_candidates(coco, split, images, gt_check)
+        plan.skipped += gt_check.skipped
         per_image = _det_candidates(detections, det_score_thr, images, plan)
     for image_id in sorted(per_image):
         _, name, width, height = images[image_id]
@@ -356,19 +379,24 @@ def plan_split(
 
 
 def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int]) -> dict[str, Any]:
-    """The COCO file restricted to ``image_ids`` (their annotations, minus ``drop_ann_ids``).
+    """The COCO file restricted to ``image_ids`` (their annotations, minus ``drop_ann_ids``), for pycocotools.
 
-    Crowd annotations of those images stay: pycocotools uses them as ignore regions.
+    Crowd annotations of those images stay: pycocotools uses them as ignore
+    regions. Records go through :func:`evaluation_record`; of duplicate ids
+    the first record is kept (as :func:`plan_split` keeps it).
     """
-    images = [img for img in coco["images"] if isinstance(img, dict) and img.get("id") in image_ids]
-    anns = [
-        a
+    images = _first_per_id(img for img in coco["images"] if isinstance(img, dict)
+                           and _int_id(img.get("id")) in image_ids)
+    anns = _first_per_id(
+        record
         for a in coco["annotations"]
         if isinstance(a, dict)
-        and a.get("image_id") in image_ids
+        and _int_id(a.get("image_id")) in image_ids
         and a.get("category_id") == PERSON
-        and a.get("id") not in drop_ann_ids
-    ]
+        and _int_id(a.get("id")) is not None
+        and _int_id(a.get("id")) not in drop_ann_ids
+        and (record := evaluation_record(a)) is not None
+    )
     subset = {key: coco[key] for key in ("info", "licenses") if key in coco}
     subset.update(
         images=sorted(images, key=lambda i: i["id"]),
@@ -376,3 +404,36 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
         categories=[c for c in coco["categories"] if c.get("id") == PERSON],
     )
     return subset
+
+
+def _first_per_id(records: Any) -> list[dict[str, Any]]:
+    """The records in order, each id once (the first record of a repeated id), ids as ints."""
+    out: dict[int, dict[str, Any]] = {}
+    for record in records:
+        out.setdefault(int(record["id"]), {**record, "id": int(record["id"])})
+    return list(out.values())
+
+
+def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
+    """``ann`` with what pycocotools' keypoint evaluation reads filled in; None without a usable box.
+
+    COCO-format files from other tools often omit ``iscrowd``, ``area`` or
+    ``num_keypoints``, which COCOeval indexes directly (a KeyError there).
+    Present, valid values are kept; the box is written as numbers; a crowd
+    region without valid keypoints gets all-zero ones (COCOeval reads them).
+    """
+    box = parse_box(ann.get("bbox"))
+    if box is None:
+        return None
+    record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0,
+              "image_id": _int_id(ann.get("image_id"))}
+    kp = parse_keypoints(ann.get("keypoints"))
+    if kp is None:
+        kp = np.zeros((NUM_KEYPOINTS, 3))
+        record["keypoints"] = [0] * (3 * NUM_KEYPOINTS)
+    area = ann.get("area")
+    if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
+        record["area"] = box[2] * box[3]
+    if _int_id(ann.get("num_keypoints")) is None:
+        record["num_keypoints"] = int((kp[:, 2] > 0).sum())
+    return record

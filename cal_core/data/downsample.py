@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 from collections import Counter, deque
@@ -368,7 +369,8 @@ def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan, detection
     if writer.buffered:
         writer.flush(None)
     kept = _kept_images(gt, plan.tasks, writer.image_skips, detections)
-    drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0}
+    # a duplicate's id is also its kept first record's: only the other skips leave the GT
+    drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0 and s.reason != coco.DUPLICATE_ID}
     annotations = shards.json_bytes(coco.gt_subset(gt, kept, drop), compact=True)
     skipped = writer.plan_skips + writer.image_skips
     for out in writer.outputs:
@@ -424,7 +426,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     manifest counts. See the module docstring for resume and skip behaviour.
     """
     sizes = tuple(dict.fromkeys(shards.parse_size(s) for s in input_sizes))
-    if not sizes or margin < 1 or shard_size < 1:
+    if not sizes or not margin >= 1 or not math.isfinite(margin) or shard_size < 1:
         raise DownsampleError(f"need >= 1 input size, margin >= 1 and shard_size >= 1, got {input_sizes}, "
                               f"{margin}, {shard_size}")
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr)
