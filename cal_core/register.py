@@ -2,8 +2,10 @@
 
 The new version always gets registered with its metrics, input size and
 method as tags. Alias ``champion`` moves to it only when its AP beats the
-current champion's AP *on the same validation set* (tag ``val_digest``), or
-when there is no champion yet; otherwise it gets alias ``challenger``.
+current champion's AP *on the same validation set* (tag ``val_digest``) *at
+the same input size* (tag ``input_size``: a deployment loading
+``@champion`` must not get another input shape), or when there is no
+champion yet; otherwise it gets alias ``challenger``.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ class Decision:
     previous_champion: str | None
 
 
-def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | None) -> tuple[str, str]:
+def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | None,
+           input_size: str | None = None) -> tuple[str, str]:
     """``(alias, reason)`` for a model with ``ap`` on val set ``val_digest`` given the current champion."""
     if champion is None:
         return CHAMPION, "there is no champion yet"
     version, tags = champion
+    if input_size and tags.get("input_size") and tags["input_size"] != input_size:
+        return CHALLENGER, (f"champion v{version} takes {tags['input_size']} inputs, this model {input_size}: "
+                            "promoting it would change the deployed input shape (register each input size "
+                            "under its own model name)")
     if tags.get("val_digest") != val_digest:
         return CHALLENGER, (f"champion v{version} was scored on another validation set "
                             f"({tags.get('val_digest', 'unknown')} vs {val_digest}): APs are not comparable")
@@ -80,7 +87,7 @@ def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "ca
         run.log_metrics({"AP": ap})
         version = tracking.register_onnx(run, onnx_path, name, tags)
         champion = tracking.alias_version(name, CHAMPION)
-        alias, reason = decide(ap, metrics_doc["val_digest"], champion)
+        alias, reason = decide(ap, metrics_doc["val_digest"], champion, metadata.get("input_size"))
         tracking.set_alias(name, alias, version)
         decision = Decision(name, version, alias, reason, ap, champion[0] if champion else None)
         run.set_tags({"alias": alias, "reason": reason, "model_version": version})

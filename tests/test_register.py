@@ -45,6 +45,11 @@ def test_decide_rules() -> None:
     assert alias == "challenger" and "does not beat" in why
     alias, why = register.decide(0.9, "other", champ)
     assert alias == "challenger" and "another validation set" in why
+    alias, why = register.decide(0.9, "d", ("3", {"val_digest": "d", "AP": "0.5", "input_size": "256x192"}),
+                                 "64x48")
+    assert alias == "challenger" and "256x192" in why and "input shape" in why
+    assert register.decide(0.9, "d", ("3", {"val_digest": "d", "AP": "0.5", "input_size": "64x48"}),
+                           "64x48")[0] == "champion"
     alias, why = register.decide(0.9, "d", ("4", {"val_digest": "d"}))
     assert alias == "challenger" and "no AP tag" in why
 
