@@ -126,8 +126,11 @@ def cal_pipeline(
         mlflow_experiment: MLflow experiment of the pipeline run and its stage runs.
         model_name: MLflow registered model name (alias "champion" moves only to a better model).
     """
-    parent = _resources(open_pipeline_run(experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                          kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "250m", "512Mi")
+    parent = _resources(open_pipeline_run(
+        experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, coco_uri=coco_uri, input_size=input_size, method=method,
+        backbone=backbone, epochs_stage1=epochs_stage1, epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr,
+        lr_stage2=lr_stage2, mgm_update=mgm_update, seed=seed), "250m", "512Mi")
     parent.set_caching_options(False).set_display_name("mlflow-parent-run")
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
 

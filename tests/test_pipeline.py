@@ -316,3 +316,24 @@ def test_non_cal_methods_pass_through_fit_gmm_and_stage2(tmp_path):
                              experiment="x", parent_run_id="", model=model)
     assert (tmp_path / "stage2" / "model.pt").read_bytes() == b"stage-1 weights"
     assert "passthrough" in model.metadata
+
+
+def test_cluster_parent_run_records_the_main_arguments(tmp_path, monkeypatch):
+    """In a cluster the first task opens the parent run: it carries params, so parent runs compare in MLflow."""
+    from mlflow import MlflowClient
+
+    from cal_core import tracking
+    from components.mlflow_run import open_pipeline_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
+    run_id = open_pipeline_run.python_func(
+        experiment="x", kfp_run_id="kfp-1", kfp_run_name="nightly", coco_uri="s3://d/coco", input_size="128x96",
+        method="cal", backbone="hrnet_w32", epochs_stage1=210, epochs_stage2=40, batch_size=64, lr=1e-3,
+        lr_stage2=1e-4, mgm_update="static", seed=0)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params["input_size"] == "128x96" and run.data.params["method"] == "cal"
+    assert run.data.params["epochs_stage1"] == "210" and run.data.tags["kfp.run_id"] == "kfp-1"
+    assert run.info.run_name == "pipeline nightly"

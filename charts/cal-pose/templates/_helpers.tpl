@@ -48,7 +48,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* In-cluster URL of the MLflow server. */}}
 {{- define "cal-pose.mlflowUrl" -}}
+{{- if .Values.mlflow.enabled -}}
 {{- printf "http://%s-mlflow.%s.svc:%v" (include "cal-pose.fullname" .) .Release.Namespace .Values.mlflow.port -}}
+{{- else -}}
+{{- required "mlflow.externalTrackingUri is required when mlflow.enabled=false" .Values.mlflow.externalTrackingUri -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "cal-pose.imagePullSecrets" -}}
