@@ -385,16 +385,16 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
     regions. Records go through :func:`evaluation_record`; of duplicate ids
     the first record is kept (as :func:`plan_split` keeps it).
     """
-    images = _first_per_id(img for img in coco["images"] if isinstance(img, dict)
-                           and _int_id(img.get("id")) in image_ids)
+    images = _first_per_id((image_id, img) for img in coco["images"] if isinstance(img, dict)
+                           and (image_id := _int_id(img.get("id"))) in image_ids)
     anns = _first_per_id(
-        record
+        (ann_id, record)
         for a in coco["annotations"]
         if isinstance(a, dict)
-        and _int_id(a.get("image_id")) in image_ids
         and a.get("category_id") == PERSON
-        and _int_id(a.get("id")) is not None
-        and _int_id(a.get("id")) not in drop_ann_ids
+        and _int_id(a.get("image_id")) in image_ids
+        and (ann_id := _int_id(a.get("id"))) is not None
+        and ann_id not in drop_ann_ids
         and (record := evaluation_record(a)) is not None
     )
     subset = {key: coco[key] for key in ("info", "licenses") if key in coco}
@@ -407,10 +407,12 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
 
 
 def _first_per_id(records: Any) -> list[dict[str, Any]]:
-    """The records in order, each id once (the first record of a repeated id), ids as ints."""
+    """``(id, record)`` pairs as records in order, each id once (the first record of a repeated id)."""
     out: dict[int, dict[str, Any]] = {}
-    for record in records:
-        out.setdefault(int(record["id"]), {**record, "id": int(record["id"])})
+    for record_id, record in records:
+        if record_id not in out:
+            out[record_id] = record if record["id"] == record_id and type(record["id"]) is int \
+                else {**record, "id": record_id}
     return list(out.values())
 
 
@@ -419,21 +421,22 @@ def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
 
     COCO-format files from other tools often omit ``iscrowd``, ``area`` or
     ``num_keypoints``, which COCOeval indexes directly (a KeyError there).
-    Present, valid values are kept; the box is written as numbers; a crowd
-    region without valid keypoints gets all-zero ones (COCOeval reads them).
+    Present, valid values are kept; the box is written as numbers. Non-crowd
+    records are those :func:`plan_split` checked (their keypoints parse); a
+    crowd region without valid keypoints gets all-zero ones (COCOeval reads
+    them).
     """
     box = parse_box(ann.get("bbox"))
     if box is None:
         return None
-    record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0,
-              "image_id": _int_id(ann.get("image_id"))}
-    kp = parse_keypoints(ann.get("keypoints"))
-    if kp is None:
-        kp = np.zeros((NUM_KEYPOINTS, 3))
+    record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0}
+    if type(ann.get("image_id")) is not int:
+        record["image_id"] = _int_id(ann.get("image_id"))
+    if record["iscrowd"] and parse_keypoints(ann.get("keypoints")) is None:
         record["keypoints"] = [0] * (3 * NUM_KEYPOINTS)
     area = ann.get("area")
     if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
         record["area"] = box[2] * box[3]
     if _int_id(ann.get("num_keypoints")) is None:
-        record["num_keypoints"] = int((kp[:, 2] > 0).sum())
+        record["num_keypoints"] = sum(1 for v in record["keypoints"][2::3] if v > 0)
     return record
