@@ -23,8 +23,8 @@ rates are reported next to them. The two are timed in turns (ours, naive,
 ours, ...) so a drift hits both, and the best of ``--repeats`` runs of each
 is kept. ``--quick``: 10 val images, one repeat.
 
-Why not 3x (profiled at 64x48 on 2026-11-24; 2.45x best-of, 814 vs 332
-instances/s per core): one decode per image is the floor, and it is half of
+Why not 3x (profiled at 64x48 on 2026-11-24; 2.24x-2.45x best-of over four
+runs, e.g. 814 vs 332 instances/s per core): one decode per image is the floor, and it is half of
 the stage. libjpeg's DCT scaling skips only the inverse DCT and colour work;
 entropy decoding still reads every coefficient, so a 1/8-scale decode costs
 ~55-65% of a full one, and 29 of coco-mini's 67 images hold a person small
