@@ -34,7 +34,7 @@ lint: setup
 compile: setup  ## writes pipelines/cal_pipeline.yaml (committed; a test fails when stale)
 	$(PY) -m pipelines.compile
 
-bench: setup  ## every benchmark in benchmarks/, results in benchmarks/results/*.json
+bench: setup  ## the DESIGN.md benchmarks (not model_stats, stage2_settings), results in benchmarks/results/*.json
 	for b in codec_oracle downsample loader train_step gmm onnx accuracy; do $(PY) -m benchmarks.$$b || exit 1; done
 
 base-image:  ## local Debian base image for podman when no registry is reachable
