@@ -21,7 +21,7 @@ MGM_UPDATES = ("static", "batch")
 STAGE2_TRAIN = ("all", "offset")
 DEVICES = ("auto", "cpu", "cuda")
 
-#: Paper §5.2: 210 epochs, lr x0.1 at 170 and 200.
+#: Paper §5.2: 210 epochs, lr x0.1 at 170 and 200 (other epoch counts: the same shares, paper_lr_steps).
 STAGE1_EPOCHS = 210
 STAGE1_LR_STEPS = (170, 200)
 #: Paper §5.2: the second stage runs 40 epochs.
@@ -80,7 +80,7 @@ class TrainConfig:
         else:
             self.epochs = STAGE1_EPOCHS if self.epochs is None else self.epochs
             self.lr = 1e-3 if self.lr is None else self.lr
-            self.lr_steps = STAGE1_LR_STEPS if self.lr_steps is None else tuple(self.lr_steps)
+            self.lr_steps = paper_lr_steps(self.epochs) if self.lr_steps is None else tuple(self.lr_steps)
         self.lr_steps = tuple(int(s) for s in self.lr_steps)
         self.validate()
 
@@ -103,6 +103,9 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (list(self.lr_steps) == sorted(self.lr_steps), f"lr_steps must increase, got {self.lr_steps}"),
+            (all(0 < s < self.epochs for s in self.lr_steps),
+             f"lr_steps {list(self.lr_steps)} must lie inside the {self.epochs} epochs (a later drop never "
+             "happens): give steps for this schedule, 'auto' (the paper's, scaled) or '' (constant)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,9 +127,15 @@ class TrainConfig:
         return cls(**data)
 
 
+def paper_lr_steps(epochs: int) -> tuple[int, ...]:
+    """The paper's drops (170 and 200 of 210 epochs) scaled to ``epochs``; none for fewer than 3 epochs."""
+    steps = tuple(sorted({round(epochs * s / STAGE1_EPOCHS) for s in STAGE1_LR_STEPS}))
+    return tuple(s for s in steps if 0 < s < epochs)
+
+
 def parse_steps(text: str | None) -> tuple[int, ...] | None:
-    """``"170,200"`` -> ``(170, 200)``; ``""`` -> ``()`` (no decay); None -> None (per-stage default)."""
-    if text is None:
+    """``"170,200"`` -> ``(170, 200)``; ``""`` -> ``()`` (no decay); None or ``"auto"`` -> None (per-stage default)."""
+    if text is None or str(text).strip() == "auto":
         return None
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not all(p.isdigit() for p in parts):

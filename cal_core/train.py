@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, default=None, help="default 210 (stage 1) or 40 (stage 2)")
     add("--batch-size", type=int, default=32, help="per process")
     add("--lr", type=float, default=None, help="Adam learning rate; default 1e-3 (stage 1) or 1e-4 (stage 2)")
-    add("--lr-steps", default=None, help="epochs where lr is multiplied by 0.1, e.g. 170,200 ('' = none)")
+    add("--lr-steps", default=None, help="epochs where lr is multiplied by 0.1, e.g. 170,200 ('' = none; "
+        "default/'auto': stage 1 at the paper's 170/210 and 200/210 of --epochs, stage 2 none)")
     add("--weight-decay", type=float, default=0.0)
     add("--alpha", type=float, default=0.7, help="offset loss weight of Eqs. 8, 14, 15")
     add("--workers", type=int, default=2, help="data loader worker processes")
@@ -155,7 +156,7 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def cpu_threads(requested: int, workers: int) -> int:
-    """Torch CPU threads: ``requested``, or (0) the cores left over by the loader workers, at least 1.
+    """Torch CPU threads: ``requested``, or (0) this rank's share of the cores minus its loader workers, >= 1.
 
     On a 2-core machine, 2 torch threads next to a busy loader worker made
     training ~10x slower (31 vs 315 samples/s measured): spinning threads
@@ -164,7 +165,8 @@ def cpu_threads(requested: int, workers: int) -> int:
     if requested > 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - workers)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks sharing this machine
+    return max(1, cores // ranks - workers)
 
 
 def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -247,6 +249,7 @@ def _state(s: Session) -> dict[str, Any]:
         "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step, "rng": checkpoint.rng_state(),
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
         "config": s.model_config, "code_version": checkpoint.code_version(),
+        "world_size": s.ctx.world_size, "train_manifest_sha256": _manifest_digest(s.config.shards)[1],
     }
 
 
@@ -262,11 +265,7 @@ def _restore(s: Session, uri: str) -> None:
     from cal_core import mgm
 
     state = checkpoint.load(uri)
-    saved = state["config"]["train"]
-    for key in ("method", "stage", "backbone", "batch_size"):
-        if saved[key] != getattr(s.config, key):
-            raise ValueError(f"cannot resume {uri}: it was trained with {key}={saved[key]!r}, "
-                             f"this run asks for {getattr(s.config, key)!r}")
+    _check_resumable(s, state, uri)
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -276,6 +275,28 @@ def _restore(s: Session, uri: str) -> None:
         s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
     checkpoint.set_rng_state(state["rng"])
     log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", uri, s.epoch, s.step, s.epoch_step)
+
+
+def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
+    """Refuse to resume a ``last.pt`` that another setting or data set wrote (ValueError naming both).
+
+    The epoch's batches come from (seed, world size) and the shards: a
+    mid-epoch resume with another seed or rank count, or on other shards,
+    would train some samples twice and skip others.
+    """
+    saved = state["config"]["train"]
+    now = {key: getattr(s.config, key) for key in ("method", "stage", "backbone", "batch_size", "seed")}
+    was = {key: saved.get(key) for key in now}
+    shards = "training shards (manifest sha256)"
+    now[shards] = _manifest_digest(s.config.shards)[1]
+    was[shards] = state.get("train_manifest_sha256", now[shards])  # older checkpoints did not record it
+    if state["epoch_step"]:  # between epochs any number of ranks may go on
+        now["world size (mid-epoch)"] = s.ctx.world_size
+        was["world size (mid-epoch)"] = state.get("world_size", s.ctx.world_size)
+    for key, value in now.items():
+        if was[key] != value:
+            raise ValueError(f"cannot resume {uri}: it was trained with {key}={was[key]!r}, "
+                             f"this run asks for {value!r}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -425,6 +446,8 @@ def _finish(s: Session, tracker: tracking.Tracker | None) -> str:
     if s.ctx.is_main:
         final = {"model": s.model.state_dict(), "config": s.model_config, "epoch": s.epoch, "step": s.step,
                  "code_version": checkpoint.code_version()}
+        if tracker is not None and tracker.run_id:  # the exported ONNX and the registry link back to it
+            final["run_id"] = tracker.run_id
         if s.masks is not None:
             final["mgm"] = s.masks.params.to_dict()
         checkpoint.save(uri, final)

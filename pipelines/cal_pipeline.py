@@ -83,7 +83,7 @@ def cal_pipeline(
     epochs_stage2: int = 40,
     batch_size: int = 64,
     lr: float = 0.001,
-    lr_steps: str = "170,200",
+    lr_steps: str = "auto",
     lr_stage2: float = 0.0001,
     gmm_components: str = "auto",
     max_gmm_components: int = 3,
@@ -110,7 +110,8 @@ def cal_pipeline(
         epochs_stage2: epochs of CAL stage 2 (Eq. 15, with Mixed Gaussian Masks).
         batch_size: training batch size per GPU.
         lr: Adam learning rate of stage 1.
-        lr_steps: comma-separated epochs of stage 1 at which the learning rate drops x0.1 ("" = never).
+        lr_steps: comma-separated epochs of stage 1 at which the learning rate drops x0.1 ("" = never;
+            "auto" = the paper's 170,200 of 210 scaled to epochs_stage1).
         lr_stage2: Adam learning rate of CAL stage 2 (constant).
         gmm_components: GMM components for the masks: a number, or "auto" to pick by BIC.
         max_gmm_components: largest number of components "auto" may pick.

@@ -56,8 +56,12 @@ def synthetic_set(runs: Path, train: int, val: int, seed: int) -> Path:
 
 
 def lr_steps(epochs: int) -> str:
-    """Learning-rate drops at 75% and 90% of a short schedule (the paper's 170,200 of 210, scaled)."""
-    return ",".join(str(max(1, round(epochs * share))) for share in (0.75, 0.9))
+    """Learning-rate drops at 75% and 90% of a short schedule (the paper's 170,200 of 210, scaled).
+
+    Only drops inside the schedule (none for a 1-epoch run), each once.
+    """
+    steps = sorted({max(1, round(epochs * share)) for share in (0.75, 0.9)})
+    return ",".join(str(s) for s in steps if s < epochs)
 
 
 def pipeline_arguments(args: argparse.Namespace, coco: str) -> dict[str, Any]:

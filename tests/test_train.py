@@ -260,3 +260,59 @@ def test_bad_settings_are_rejected(tmp_path: Path) -> None:
         _config(shards, tmp_path, method="udp", stage=2, init="x", gmm="y")
     with pytest.raises(ValueError, match="lr_steps must increase"):
         _config(shards, tmp_path, lr_steps=(5, 2))
+    with pytest.raises(ValueError, match=r"lr_steps \[170, 200\] must lie inside the 50 epochs"):
+        _config(shards, tmp_path, epochs=50, lr_steps=(170, 200))
+
+
+def test_default_lr_steps_scale_the_paper_schedule_to_the_epochs(tmp_path: Path) -> None:
+    """A UI run with epochs_stage1=50 must still decay (once it silently kept 170,200 and never did)."""
+    from cal_core.config import TrainConfig, paper_lr_steps, parse_steps
+
+    assert paper_lr_steps(210) == (170, 200)  # the paper, §5.2
+    assert paper_lr_steps(50) == (40, 48)  # 50 * 170 / 210 = 40.5, 50 * 200 / 210 = 47.6
+    assert paper_lr_steps(5) == (4,) and paper_lr_steps(2) == ()
+    assert parse_steps("auto") is None and parse_steps("") == () and parse_steps("3, 7") == (3, 7)
+    assert TrainConfig(shards="s", out="o", epochs=50).lr_steps == (40, 48)
+    assert TrainConfig(shards="s", out="o", epochs=50, lr_steps=parse_steps("auto")).lr_steps == (40, 48)
+    assert TrainConfig(shards="s", out="o", stage=2, init="i", gmm="g").lr_steps == ()
+
+
+def test_cpu_threads_share_the_cores_between_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cal_core.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0, 0) == max(1, cores // 2)
+    assert cpu_threads(3, 0) == 3
+
+
+def test_resume_refuses_another_seed_or_other_shards(tiny_shards, tmp_path: Path) -> None:
+    """The epoch's batches come from the seed and the shards: resuming with others would mix two runs."""
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    train(_config(tiny_shards, out, epochs=2, max_steps=2, checkpoint_every=1))
+    assert checkpoint.load(str(out / checkpoint.LAST))["epoch_step"] == 2
+    with pytest.raises(ValueError, match="trained with seed=0, this run asks for 1"):
+        train(_config(tiny_shards, out, epochs=2, resume=True, seed=1))
+    other = tmp_path / "other-shards"
+    shutil.copytree(tiny_shards["train"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=1))  # same rows, another manifest
+    with pytest.raises(ValueError, match=r"training shards \(manifest sha256\)"):
+        train(_config({"train": str(other)}, out, epochs=2, resume=True))
+
+
+def test_final_model_names_its_training_run(tiny_shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.pt carries the MLflow run id, so the exported ONNX and the registry link back to the run."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("CAL_POSE_TRACKING", raising=False)
+    monkeypatch.delenv("CAL_POSE_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    final = checkpoint.load(train(_config(tiny_shards, tmp_path / "run", method="udp", max_steps=1)))
+    assert MlflowClient(uri).get_run(final["run_id"]).info.run_name
