@@ -131,6 +131,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.skip = 0, 0
+        if num_samples // world_size < self.batches_per_epoch:  # only batch size 1 with N % W != 0
+            raise ValueError(f"batch size {batch_size} over {world_size} ranks and {num_samples} samples "
+                             "leaves the ranks with fewer samples an empty batch: use a batch size >= 2")
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch's permutation and how many of this rank's batches to skip."""

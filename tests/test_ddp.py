@@ -16,7 +16,7 @@ from cal_core.distributed import EpochBatchSampler, pick_device
 from tests.train_fixtures import build_tiny_shards
 
 
-@pytest.mark.parametrize(("n", "batch", "world"), [(40, 8, 2), (41, 8, 2), (17, 4, 3), (33, 16, 2), (5, 32, 1)])
+@pytest.mark.parametrize(("n", "batch", "world"), [(40, 8, 2), (41, 8, 2), (17, 4, 3), (33, 16, 2), (5, 32, 1), (7, 2, 4), (8, 1, 4)])
 def test_each_sample_once_per_epoch_and_equal_batch_counts(n: int, batch: int, world: int) -> None:
     for epoch in (0, 1):
         per_rank = []
@@ -62,6 +62,9 @@ def test_bad_arguments_are_rejected() -> None:
         EpochBatchSampler(1, 4, 0, 2)
     with pytest.raises(ValueError, match="rank"):
         EpochBatchSampler(10, 4, 2, 2)
+    with pytest.raises(ValueError, match="empty batch"):  # 7 samples, 4 ranks: one rank has 1, the others 2
+        EpochBatchSampler(7, 1, 3, 4)
+    assert EpochBatchSampler(8, 1, 3, 4).batches() and EpochBatchSampler(7, 2, 3, 4).batches()
 
 
 @pytest.fixture(scope="module")
