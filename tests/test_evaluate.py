@@ -127,6 +127,13 @@ def test_oks_nms_drops_near_duplicates_only() -> None:
     assert evaluate.oks_nms(poses, scores, areas, threshold=1.01) == [1, 0, 3, 2]
 
 
+def test_nms_areas_are_the_padded_aspect_corrected_boxes() -> None:
+    """HRNet's OKS-NMS area: the box grown to the input's aspect (W/H 0.75 here), then x1.25 per side."""
+    boxes = np.array([[0.0, 0.0, 30.0, 40.0], [5.0, 5.0, 40.0, 40.0], [0.0, 0.0, 30.0, 80.0]])
+    # 30x40 has the aspect: 37.5 x 50; 40x40 grows to 40 x 53.33: 50 x 66.67; 30x80 grows to 60 x 80: 75 x 100
+    np.testing.assert_allclose(evaluate.nms_areas(boxes, (64, 48)), [1875.0, 10000.0 / 3.0, 7500.0])
+
+
 def test_coco_results_with_nms_per_image() -> None:
     rng = np.random.default_rng(2)
     base = rng.uniform(10, 90, (NUM_KEYPOINTS, 2))
