@@ -52,6 +52,7 @@ class TrainConfig:
     alpha: float = 0.7
     workers: int = 2
     init: str | None = None
+    weights: str | None = None
     gmm: str | None = None
     mgm_update: str = "static"
     stage2_train: str = STAGE2_DEFAULT_TRAIN
@@ -92,6 +93,7 @@ class TrainConfig:
             (self.stage == 1 or self.method == "cal", f"stage 2 exists only for method 'cal', not {self.method!r}"),
             (self.stage == 1 or bool(self.init), "stage 2 needs --init (the stage-1 checkpoint)"),
             (self.stage == 1 or bool(self.gmm), "stage 2 needs --gmm (gmm.json from cal-pose fit-gmm)"),
+            (self.stage == 1 or not self.weights, "--weights is for stage 1; stage 2 starts from --init"),
             (self.mgm_update in MGM_UPDATES, f"mgm_update must be one of {MGM_UPDATES}"),
             (self.stage2_train in STAGE2_TRAIN, f"stage2_train must be one of {STAGE2_TRAIN}"),
             (self.device in DEVICES or self.device.startswith("cuda:"), f"device must be one of {DEVICES}"),

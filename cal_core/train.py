@@ -95,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=2, help="data loader worker processes")
     add("--out", required=True, help="run folder (local or s3://): last.pt, model.pt")
     add("--init", default=None, help="checkpoint to start from (stage 2: the stage-1 model.pt)")
+    add("--weights", default=None, help="stage 1: pretrained weights to start from (local or s3://), e.g. an "
+        "ImageNet HRNet/ResNet backbone state dict, as the paper's models (cal_core.models.weights)")
     add("--gmm", default=None, help="gmm.json from cal-pose fit-gmm (stage 2)")
     add("--mgm-update", default="static", choices=("static", "batch"),
         help="stage 2: masks from gmm.json (static) or refitted per mini-batch (batch, Alg. 1)")
@@ -124,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         shards=args.shards, out=args.out, method=args.method, stage=args.stage, val_shards=args.val_shards,
         backbone=args.backbone, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_steps=parse_steps(args.lr_steps), weight_decay=args.weight_decay, alpha=args.alpha,
-        workers=args.workers, init=args.init, gmm=args.gmm, mgm_update=args.mgm_update, resume=args.resume,
+        workers=args.workers, init=args.init, weights=args.weights, gmm=args.gmm, mgm_update=args.mgm_update, resume=args.resume,
         val_every=args.val_every, val_flip=not args.no_val_flip, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, max_steps=args.max_steps, device=args.device, amp=args.amp, seed=args.seed,
         deterministic=args.deterministic, augment=not args.no_augment, threads=args.threads,
@@ -189,7 +191,7 @@ def _build_model(config: TrainConfig, input_size: tuple[int, int], device: torch
     from cal_core.models import build_model, default_head, load_checkpoint
 
     head = default_head(config.method) if config.head == "auto" else config.head
-    model = build_model(config.backbone, head, input_size=input_size)
+    model = build_model(config.backbone, head, input_size=input_size, weights=config.weights)
     if config.init:
         state = load_checkpoint(config.init)
         init_cfg = state.get("config", {})

@@ -26,14 +26,16 @@ from components.images import image
 @dsl.component(base_image=image("train"), install_kfp_package=False)
 def train_stage1(shards: Input[Dataset], input_size: str, method: str, backbone: str, epochs: int,
                  batch_size: int, lr: float, lr_steps: str, seed: int, amp: bool, workers: int, work_uri: str,
-                 kfp_run_id: str, experiment: str, parent_run_id: str, model: Output[Model]) -> None:
-    """Train ``method`` from scratch on the ``input_size`` shards; writes ``<model>/model.pt``."""
-    from components.runtime import train_model
+                 kfp_run_id: str, experiment: str, parent_run_id: str, model: Output[Model],
+                 pretrained_weights: str = "") -> None:
+    """Train ``method`` on the ``input_size`` shards (from scratch or ``pretrained_weights``); writes model.pt."""
+    from components.runtime import flag, train_model
 
     model.metadata.update({"method": method, "backbone": backbone, "input_size": input_size, "stage": 1})
     train_model(["--shards", f"{shards.path}/{input_size}", "--method", method, "--stage", "1",
                  "--backbone", backbone, "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr),
-                 "--lr-steps", lr_steps, "--workers", str(workers), "--seed", str(seed)] + (["--amp"] if amp else []),
+                 "--lr-steps", lr_steps, "--workers", str(workers), "--seed", str(seed)] + (["--amp"] if amp else [])
+                + flag(pretrained_weights, "--weights"),
                 model.path, work_uri, kfp_run_id, 1, experiment, parent_run_id)
 
 

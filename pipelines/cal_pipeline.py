@@ -79,6 +79,7 @@ def cal_pipeline(
     input_size: str = "64x48",
     method: str = "cal",
     backbone: str = "hrnet_w32",
+    pretrained_weights: str = "",
     epochs_stage1: int = 210,
     epochs_stage2: int = 40,
     batch_size: int = 64,
@@ -106,6 +107,8 @@ def cal_pipeline(
         input_size: network input "HxW": 64x48, 128x96 or 256x192 (heatmaps are input/4).
         method: heatmap, dark, udp or cal. Only cal runs fit-GMM and stage 2; the others pass through them.
         backbone: tiny, hrnet_w18_small, hrnet_w32, hrnet_w48 or resnet50.
+        pretrained_weights: optional state dict (local or s3://) stage 1 starts from, e.g. ImageNet HRNet/ResNet
+            backbone weights as the paper's models use; empty = from scratch.
         epochs_stage1: epochs of stage 1 (every method).
         epochs_stage2: epochs of CAL stage 2 (Eq. 15, with Mixed Gaussian Masks).
         batch_size: training batch size per GPU.
@@ -145,7 +148,8 @@ def cal_pipeline(
     training = {"input_size": input_size, "method": method, "backbone": backbone, "batch_size": batch_size,
                 "seed": seed, "amp": amp, "workers": workers,
                 "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
-    stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps, **training)
+    stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps,
+                          pretrained_weights=pretrained_weights, **training)
     _resources(stage1, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
 
     gmm = fit_gmm(checkpoint=stage1.outputs["model"], shards=shards["train"], input_size=input_size, method=method,

@@ -316,3 +316,20 @@ def test_final_model_names_its_training_run(tiny_shards, tmp_path: Path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     final = checkpoint.load(train(_config(tiny_shards, tmp_path / "run", method="udp", max_steps=1)))
     assert MlflowClient(uri).get_run(final["run_id"]).info.run_name
+
+
+def test_stage1_starts_from_pretrained_weights(tiny_shards, tmp_path: Path) -> None:
+    """--weights: the paper's models start from ImageNet weights; a full state dict loads exactly."""
+    from cal_core.models import build_model
+    from cal_core.train import _build_model
+
+    torch.manual_seed(7)
+    source = build_model("tiny", "dual", input_size=(64, 48))
+    torch.save(source.state_dict(), tmp_path / "pretrained.pt")
+    config = _config(tiny_shards, tmp_path / "run", weights=str(tmp_path / "pretrained.pt"))
+    model, head = _build_model(config, (64, 48), torch.device("cpu"))
+    assert head == "dual"
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="--weights is for stage 1"):
+        _config(tiny_shards, tmp_path, stage=2, init="i", gmm="g", weights="w")
