@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from cal_core import mgm
-from cal_core.fit_gmm import (displacement_stats, fit_gmm, fit_mixture, parse_components, plot_displacements,
-                              plot_mask)
+from cal_core.fit_gmm import (
+    displacement_stats,
+    fit_gmm,
+    fit_mixture,
+    parse_components,
+    plot_displacements,
+    plot_mask,
+)
 
 
 def _one_component(rng: np.random.Generator, n: int = 2000) -> np.ndarray:

@@ -37,9 +37,9 @@ import math
 import multiprocessing
 import os
 from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
