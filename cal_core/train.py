@@ -68,6 +68,7 @@ class Session:
     amp_dtype: torch.dtype | None
     masks: MaskMaker | None
     model_config: dict[str, Any]
+    shards_sha256: str  # the training manifest's, read once: checkpoints, resume checks and params name it
     epoch: int = 0
     epoch_step: int = 0
     step: int = 0
@@ -126,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         shards=args.shards, out=args.out, method=args.method, stage=args.stage, val_shards=args.val_shards,
         backbone=args.backbone, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_steps=parse_steps(args.lr_steps), weight_decay=args.weight_decay, alpha=args.alpha,
-        workers=args.workers, init=args.init, weights=args.weights, gmm=args.gmm, mgm_update=args.mgm_update, resume=args.resume,
+        workers=args.workers, init=args.init, weights=args.weights, gmm=args.gmm, mgm_update=args.mgm_update,
+        resume=args.resume,
         val_every=args.val_every, val_flip=not args.no_val_flip, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, max_steps=args.max_steps, device=args.device, amp=args.amp, seed=args.seed,
         deterministic=args.deterministic, augment=not args.no_augment, threads=args.threads,
@@ -215,7 +217,7 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     from cal_core.codecs import build_codec, parse_size
     from cal_core.losses import build_loss
 
-    manifest, _ = _manifest_digest(config.shards)
+    manifest, shards_sha256 = _manifest_digest(config.shards)
     input_size = parse_size(manifest["input_size"])
     codec = build_codec(config.method, input_size)
     dataset = ShardDataset(config.shards, codec, train=config.augment, seed=config.seed)
@@ -237,7 +239,7 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
                     "input_size": list(input_size), "num_joints": 17, "codec": codec.config(),
                     "stage": config.stage, "train": config.to_dict()}
     return Session(config, ctx, codec, dataset, model, ddp_model, build_loss(config.method, config.stage,
-                   config.alpha), optimizer, scheduler, scaler, amp_dtype, masks, model_config)
+                   config.alpha), optimizer, scheduler, scaler, amp_dtype, masks, model_config, shards_sha256)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -251,7 +253,7 @@ def _state(s: Session) -> dict[str, Any]:
         "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step, "rng": checkpoint.rng_state(),
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
         "config": s.model_config, "code_version": checkpoint.code_version(),
-        "world_size": s.ctx.world_size, "train_manifest_sha256": _manifest_digest(s.config.shards)[1],
+        "world_size": s.ctx.world_size, "train_manifest_sha256": s.shards_sha256,
     }
 
 
@@ -290,7 +292,7 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
     now = {key: getattr(s.config, key) for key in ("method", "stage", "backbone", "batch_size", "seed")}
     was = {key: saved.get(key) for key in now}
     shards = "training shards (manifest sha256)"
-    now[shards] = _manifest_digest(s.config.shards)[1]
+    now[shards] = s.shards_sha256
     was[shards] = state.get("train_manifest_sha256", now[shards])  # older checkpoints did not record it
     if state["epoch_step"]:  # between epochs any number of ranks may go on
         now["world size (mid-epoch)"] = s.ctx.world_size
@@ -434,9 +436,8 @@ def validate(s: Session) -> dict[str, float]:
 
 def _run_params(s: Session) -> dict[str, Any]:
     """Everything that defines the run, for MLflow: settings, data digest, code version, model size."""
-    _, digest = _manifest_digest(s.config.shards)
     return {**s.config.to_dict(), "head": s.model_config["head"], "input_size": s.model_config["input_size"],
-            "codec": s.model_config["codec"], "train_manifest_sha256": digest,
+            "codec": s.model_config["codec"], "train_manifest_sha256": s.shards_sha256,
             "code_version": checkpoint.code_version(), "world_size": s.ctx.world_size,
             "device": str(s.ctx.device), "amp_dtype": str(s.amp_dtype) if s.amp_dtype else "off",
             "train_instances": len(s.dataset), "parameters": sum(p.numel() for p in s.model.parameters())}
