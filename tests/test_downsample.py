@@ -249,8 +249,11 @@ def _broken_root(coco_mini: Path, tmp: Path) -> tuple[Path, dict[int, str]]:
                 first[image_ids[6]]["id"]: "outside_image"}
     expected.update({a["id"]: "corrupt_image" for a in anns if a["image_id"] == image_ids[0]})
     expected.update({a["id"]: "missing_file" for a in anns if a["image_id"] == image_ids[1]})
-    nan_ann = dict(first[image_ids[2]], id=10**9)
-    nan_ann["keypoints"] = [float("nan")] + nan_ann["keypoints"][1:]
+    source = next(a for a in anns if a["image_id"] not in image_ids[:2] and max(a["keypoints"][2::3]) > 0
+                  and all(a is not f for f in first.values()))
+    nan_ann = dict(source, id=10**9)
+    labelled = next(j for j, v in enumerate(nan_ann["keypoints"][2::3]) if v > 0)  # unlabelled ones may be NaN
+    nan_ann["keypoints"] = [*nan_ann["keypoints"][:3 * labelled], float("nan"), *nan_ann["keypoints"][3 * labelled + 1:]]
     expected[nan_ann["id"]] = "bad_keypoints"
     _write_json(root / "annotations" / "person_keypoints_val2017.json",
                 {"images": list(images.values()), "annotations": [*anns, nan_ann], "categories": gt["categories"]})
@@ -407,6 +410,78 @@ def test_detection_runs_still_check_the_ground_truth(coco_mini: Path, tmp_path: 
     with pytest.raises(downsample.DownsampleError, match="bad_keypoints|bad_box"):
         downsample.downsample(str(root), "val", str(tmp_path / "strict"), ["64x48"], detections=str(dets),
                               workers=1, strict=True, progress=False)
+
+
+def test_null_unlabelled_joints_are_kept_and_a_box_in_wrong_units_is_a_bad_box(coco_mini: Path,
+                                                                              tmp_path: Path) -> None:
+    """``null``/NaN coordinates of a v=0 joint keep the person; a box 1000x the image is skipped, not cropped.
+
+    The box once made the crop box-average a block of ~k^2 pixels (k = box / crop side): gigabytes at 1e6 px.
+    """
+    from cal_core import evaluate
+
+    root, anns, gt = _odd_root(coco_mini, tmp_path)
+    unlabelled = next(a for a in anns if 0 in a["keypoints"][2::3])
+    joint = unlabelled["keypoints"][2::3].index(0)
+    unlabelled["keypoints"][3 * joint:3 * joint + 2] = [None, float("nan")]
+    huge = next(a for a in anns if a is not unlabelled)
+    huge["bbox"] = [5.0, 5.0, 1000 * 640.0, 1000 * 640.0]
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    assert {(s["ann_id"], s["reason"]) for s in _manifest(out / "64x48")["skipped"]} == {(huge["id"], "bad_box")}
+    assert unlabelled["id"] in {r["ann_id"] for r in _rows(out / "64x48")}
+    written = json.loads((out / "64x48" / "annotations.json").read_text())
+    record = next(a for a in written["annotations"] if a["id"] == unlabelled["id"])
+    assert record["keypoints"][3 * joint:3 * joint + 3] == [0, 0, 0]
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+               for a in written["annotations"] if a["num_keypoints"]]
+    assert evaluate.coco_keypoint_ap(out / "64x48" / "annotations.json", results)["AP"] == pytest.approx(1.0)
+
+
+def test_a_split_that_keeps_nobody_is_an_error_naming_the_reasons(coco_mini: Path, tmp_path: Path) -> None:
+    """String ids (or missing images) leave no person: a clear error, not an empty set that trains nothing."""
+    root, anns, gt = _odd_root(coco_mini, tmp_path)
+    for img in gt["images"]:
+        img["id"] = str(img["id"])
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    with pytest.raises(downsample.DownsampleError, match=r"no person instance kept: skipped \{'bad_image_record'"):
+        downsample.downsample(str(root), "val", str(tmp_path / "ids"), ["64x48"], workers=1, progress=False)
+    root, anns, gt = _odd_root(coco_mini, tmp_path / "missing")
+    for image in (root / "val2017").iterdir():
+        image.unlink()
+    with pytest.raises(downsample.DownsampleError, match=r"val2017: no person instance kept: skipped \{'missing_file'"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), ["64x48"], workers=1, progress=False)
+    assert not (tmp_path / "out" / "64x48" / "manifest.json").exists()
+
+
+def test_the_person_category_is_found_by_name_not_assumed_to_be_id_1(coco_mini: Path, tmp_path: Path) -> None:
+    """A labelling tool's file: person is id 3, id 1 is "car" with its own boxes. People are cropped, cars not."""
+    from cal_core import evaluate
+
+    root = _small_root(coco_mini, tmp_path, n_images=4)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    people = list(gt["annotations"])
+    person = dict(gt["categories"][0], id=3)
+    cars = [{"id": 9000 + i, "image_id": a["image_id"], "category_id": 1, "bbox": [1, 1, 30, 20], "area": 600,
+             "iscrowd": 0} for i, a in enumerate(people)]
+    for ann in people:
+        ann["category_id"] = 3
+    _write_json(path, {**gt, "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bicycle"}, person],
+                       "annotations": people + cars})
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    assert sorted(r["ann_id"] for r in _rows(out / "64x48")) == sorted(a["id"] for a in people if not a["iscrowd"])
+    written = json.loads((out / "64x48" / "annotations.json").read_text())
+    assert [c["id"] for c in written["categories"]] == [1] and written["categories"][0]["name"] == "person"
+    assert {a["category_id"] for a in written["annotations"]} == {1} and len(written["annotations"]) == len(people)
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+               for a in written["annotations"] if a["num_keypoints"]]
+    assert evaluate.coco_keypoint_ap(out / "64x48" / "annotations.json", results)["AP"] == pytest.approx(1.0)
+    _write_json(path, {**gt, "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bicycle"}]})
+    with pytest.raises(coco.AnnotationFileError, match="cannot tell which category is the person.*1: 'car'"):
+        downsample.downsample(str(root), "val", str(tmp_path / "none"), ["64x48"], workers=1, progress=False)
 
 
 def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path) -> None:

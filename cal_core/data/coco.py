@@ -33,7 +33,7 @@ from cal_core import storage
 from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS
 
 SPLITS = ("train", "val")
-#: COCO category id of "person".
+#: COCO's category id of "person": what annotations.json (and so evaluation) uses, whatever the source's id.
 PERSON = int(COCO_PERSON_CATEGORY["id"])
 
 # Skip reasons (records that are malformed or unusable; listed in the manifest).
@@ -49,6 +49,9 @@ SIZE_MISMATCH = "size_mismatch"
 DUPLICATE_ID = "duplicate_id"
 #: Person box sides (px) outside this range are broken records (their crop affine would not be invertible).
 BOX_SIDE_RANGE = (1e-3, 1e7)
+#: A box side over this many times the image's longer side is a broken record (wrong units, say): cropping
+#: it would box-average blocks of up to (side / crop side)^2 pixels, gigabytes for a 1e6 px box.
+MAX_BOX_TO_IMAGE = 100.0
 
 
 class AnnotationFileError(ValueError):
@@ -148,9 +151,35 @@ def check_coco(data: Any, uri: str) -> dict[str, Any]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise AnnotationFileError(f"{uri}: not a COCO annotation file (no {key!r} list)")
-    if not any(isinstance(c, dict) and c.get("id") == PERSON for c in data["categories"]):
-        raise AnnotationFileError(f"{uri}: no person category (id {PERSON}) in 'categories'")
+    person_category(data, uri)
     return data
+
+
+def person_category(coco: dict[str, Any], uri: str = "the annotation file") -> dict[str, Any]:
+    """The person category record: the one named "person", else the one with 17 keypoint names.
+
+    COCO gives person id 1, but labelling tools number categories in their
+    own order, so the id is looked up, never assumed (assuming 1 once made
+    a file whose id 1 is "bicycle" yield an empty set, and one whose id 1
+    is "car" crop cars as people). A file with a single category uses it.
+    An ambiguous or missing person category is an error naming the file.
+    """
+    cats = [c for c in coco["categories"] if isinstance(c, dict) and _int_id(c.get("id")) is not None]
+    named = [c for c in cats if str(c.get("name", "")).strip().lower() == "person"]
+    keypointed = [c for c in cats if isinstance(c.get("keypoints"), list) and len(c["keypoints"]) == NUM_KEYPOINTS]
+    for found in (named, keypointed, cats if len(cats) == 1 else []):
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            break
+    listed = ", ".join(f"{c.get('id')}: {c.get('name')!r}" for c in cats[:20]) or "none"
+    raise AnnotationFileError(f"{uri}: cannot tell which category is the person (one named 'person', or one "
+                              f"with {NUM_KEYPOINTS} keypoint names): categories {listed}")
+
+
+def person_category_id(coco: dict[str, Any]) -> int:
+    """The id the file gives the person category (:func:`person_category`)."""
+    return int(_int_id(person_category(coco)["id"]))  # type: ignore[arg-type]
 
 
 def check_detections(data: Any, uri: str) -> list[dict[str, Any]]:
@@ -209,12 +238,16 @@ def parse_box(box: Any) -> tuple[float, float, float, float] | None:
 
 
 def parse_keypoints(keypoints: Any) -> np.ndarray | None:
-    """COCO's flat ``[x, y, v] * 17`` as a ``(17, 3)`` array (v=0 joints zeroed), else None."""
+    """COCO's flat ``[x, y, v] * 17`` as a ``(17, 3)`` array (v=0 joints zeroed), else None.
+
+    Unlabelled joints (``v == 0``) may carry anything as coordinates (some
+    exporters write ``null`` or NaN there); labelled ones must be finite.
+    """
     try:
         kp = np.asarray(keypoints, dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if kp.shape != (NUM_KEYPOINTS * 3,) or not np.isfinite(kp).all():
+    if kp.shape != (NUM_KEYPOINTS * 3,):
         return None
     kp = kp.reshape(NUM_KEYPOINTS, 3).copy()
     v = kp[:, 2]
@@ -222,7 +255,7 @@ def parse_keypoints(keypoints: Any) -> np.ndarray | None:
     if not (unlabelled | (v == 1) | (v == 2)).all():
         return None
     kp[unlabelled] = 0.0
-    return kp
+    return kp if np.isfinite(kp).all() else None
 
 
 def outside_image(box: tuple[float, float, float, float], width: int, height: int) -> bool:
@@ -231,16 +264,24 @@ def outside_image(box: tuple[float, float, float, float], width: int, height: in
     return x >= width or y >= height or x + w <= 0 or y + h <= 0
 
 
+def _box_problem(box: tuple[float, float, float, float] | None, size: tuple[int, int]) -> str | None:
+    """The skip reason of a parsed box on an image of ``size`` (W, H), or None if it can be cropped."""
+    if box is None or max(box[2], box[3]) > MAX_BOX_TO_IMAGE * max(size):
+        return BAD_BOX
+    return OUTSIDE_IMAGE if outside_image(box, *size) else None
+
+
 def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Instance | str | None:
     """The annotation as an :class:`Instance`, a skip reason, or None when a rule excludes it."""
     box = parse_box(ann.get("bbox"))
-    if box is None:
-        return BAD_BOX
+    problem = _box_problem(box, size)
+    if problem == BAD_BOX:
+        return problem
     kp = parse_keypoints(ann.get("keypoints"))
     if kp is None:
         return BAD_KEYPOINTS
-    if outside_image(box, *size):
-        return OUTSIDE_IMAGE
+    if problem:  # outside the image
+        return problem
     area = ann.get("area")
     area = float(area) if isinstance(area, int | float) and math.isfinite(area) else box[2] * box[3]
     instance = Instance(int(ann["id"]), box, kp, 1.0, area)
@@ -250,10 +291,9 @@ def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Inst
 def _det_instance(det: dict[str, Any], size: tuple[int, int]) -> Instance | str:
     """A detection as an :class:`Instance` (no keypoints, ``ann_id`` -1) or a skip reason."""
     box = parse_box(det.get("bbox"))
-    if box is None:
-        return BAD_BOX
-    if outside_image(box, *size):
-        return OUTSIDE_IMAGE
+    problem = _box_problem(box, size)
+    if problem:
+        return problem
     return Instance(-1, box, np.zeros((NUM_KEYPOINTS, 3)), float(det["score"]), box[2] * box[3])
 
 
@@ -278,11 +318,12 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
     """Kept GT people per image id (sorted by ann id); skips and exclusions recorded in ``plan``."""
     per_image: dict[int, list[Instance]] = {}
     seen: set[int] = set()
+    person = person_category_id(coco)
     for ann in sorted(coco["annotations"], key=_ann_sort_key):
         if not isinstance(ann, dict):
             plan.skipped.append(Skip(-1, -1, "", BAD_RECORD))
             continue
-        if ann.get("category_id") != PERSON:
+        if _int_id(ann.get("category_id")) != person:
             continue
         ann_id, image_id = _int_id(ann.get("id")), _int_id(ann.get("image_id"))
         if ann_id is None or image_id is None:
@@ -315,14 +356,15 @@ def _ann_sort_key(ann: Any) -> tuple[int, str]:
     return (ann_id, "") if ann_id is not None else (2**62, repr(ann)[:200])
 
 
-def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, plan: SplitPlan) -> dict:
-    """Person detections scoring >= ``thr`` per image id (highest score first)."""
+def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, plan: SplitPlan,
+                    person: int) -> dict:
+    """Detections of category ``person`` (or none given) scoring >= ``thr`` per image id (highest score first)."""
     per_image: dict[int, list[Instance]] = {}
     order = sorted(range(len(detections)), key=lambda i: (-_score(detections[i]), i))
     for i in order:
         det = detections[i]
         image_id = _int_id(det.get("image_id"))
-        if det.get("category_id", PERSON) != PERSON:
+        if "category_id" in det and _int_id(det["category_id"]) != person:
             continue
         if image_id is None or not math.isfinite(_score(det)):
             plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD))
@@ -371,7 +413,7 @@ def plan_split(
         gt_check = SplitPlan(tasks=[])
         _gt_candidates(coco, split, images, gt_check)
         plan.skipped += gt_check.skipped
-        per_image = _det_candidates(detections, det_score_thr, images, plan)
+        per_image = _det_candidates(detections, det_score_thr, images, plan, person_category_id(coco))
     for image_id in sorted(per_image):
         _, name, width, height = images[image_id]
         plan.tasks.append(ImageTask(image_id, name, width, height, tuple(per_image[image_id])))
@@ -379,19 +421,24 @@ def plan_split(
 
 
 def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int]) -> dict[str, Any]:
-    """The COCO file restricted to ``image_ids`` (their annotations, minus ``drop_ann_ids``), for pycocotools.
+    """The COCO file's people restricted to ``image_ids`` (minus ``drop_ann_ids``), for pycocotools.
+
+    The person category is written with COCO's id 1 (:data:`PERSON`), which
+    the evaluation's results use.
 
     Crowd annotations of those images stay: pycocotools uses them as ignore
     regions. Records go through :func:`evaluation_record`; of duplicate ids
     the first record is kept (as :func:`plan_split` keeps it).
     """
+    person = person_category(coco)
+    person_id = _int_id(person["id"])
     images = _first_per_id((image_id, img) for img in coco["images"] if isinstance(img, dict)
                            and (image_id := _int_id(img.get("id"))) in image_ids)
     anns = _first_per_id(
         (ann_id, record)
         for a in coco["annotations"]
         if isinstance(a, dict)
-        and a.get("category_id") == PERSON
+        and _int_id(a.get("category_id")) == person_id
         and _int_id(a.get("image_id")) in image_ids
         and (ann_id := _int_id(a.get("id"))) is not None
         and ann_id not in drop_ann_ids
@@ -401,7 +448,7 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
     subset.update(
         images=sorted(images, key=lambda i: i["id"]),
         annotations=sorted(anns, key=lambda a: a["id"]),
-        categories=[c for c in coco["categories"] if c.get("id") == PERSON],
+        categories=[{**person, "id": PERSON}],
     )
     return subset
 
@@ -421,19 +468,23 @@ def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
 
     COCO-format files from other tools often omit ``iscrowd``, ``area`` or
     ``num_keypoints``, which COCOeval indexes directly (a KeyError there).
-    Present, valid values are kept; the box is written as numbers. Non-crowd
-    records are those :func:`plan_split` checked (their keypoints parse); a
-    crowd region without valid keypoints gets all-zero ones (COCOeval reads
-    them).
+    Present, valid values are kept; the box is written as numbers and the
+    category as COCO's person id (:data:`PERSON`, whatever the source's). Non-crowd
+    records are those :func:`plan_split` checked (their keypoints parse;
+    unlabelled joints written as ``null`` or NaN become 0, 0, 0); a crowd
+    region without valid keypoints gets all-zero ones (COCOeval reads them).
     """
     box = parse_box(ann.get("bbox"))
     if box is None:
         return None
-    record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0}
+    record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0, "category_id": PERSON}
     if type(ann.get("image_id")) is not int:
         record["image_id"] = _int_id(ann.get("image_id"))
-    if record["iscrowd"] and parse_keypoints(ann.get("keypoints")) is None:
+    keypoints = parse_keypoints(ann.get("keypoints"))
+    if keypoints is None:  # a crowd region: non-crowd records reaching here passed plan_split
         record["keypoints"] = [0] * (3 * NUM_KEYPOINTS)
+    elif not all(isinstance(v, int | float) and math.isfinite(v) for v in ann["keypoints"]):
+        record["keypoints"] = keypoints.reshape(-1).tolist()  # null/NaN of unlabelled joints: COCOeval needs numbers
     area = ann.get("area")
     if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
         record["area"] = box[2] * box[3]

@@ -25,7 +25,9 @@ Work and reliability:
   computes from the first missing one: a complete set is left untouched, a
   killed run resumes and ends with the same bytes as an uninterrupted one;
 - malformed records and unreadable images are skipped and listed with the
-  reason in the manifest; ``strict`` turns the first one into an error.
+  reason in the manifest; ``strict`` turns the first one into an error. A
+  split that keeps no person at all is an error with the skip counts, not
+  an empty set that would fail later in training.
 """
 
 from __future__ import annotations
@@ -358,16 +360,27 @@ def _kept_images(gt: dict[str, Any], tasks: list[coco.ImageTask], image_skips: l
     if detections:
         tasked = {t.image_id for t in tasks}
         known = {img.get("id") for img in gt["images"] if isinstance(img, dict)}
+        person = coco.person_category_id(gt)
         kept |= {a.get("image_id") for a in gt["annotations"] if isinstance(a, dict)
-                 and a.get("category_id") == coco.PERSON and not a.get("iscrowd", 0)
+                 and a.get("category_id") == person and not a.get("iscrowd", 0)
                  and a.get("image_id") in known and a.get("image_id") not in tasked}
     return kept
+
+
+def _nothing_kept(where: str, skipped: list[dict[str, Any]], excluded: Counter) -> DownsampleError:
+    """The error for a split that yields no person at all (an empty set would only fail later, in training)."""
+    reasons = dict(sorted(Counter(s["reason"] for s in skipped).items()))
+    return DownsampleError(f"{where}: no person instance kept: skipped {reasons}, excluded "
+                           f"{dict(sorted(excluded.items()))} (the manifest of a run lists each skipped record)")
 
 
 def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan, detections: bool) -> None:
     """Last shard, annotations.json, then the manifest; drop the journal and stale files."""
     if writer.buffered:
         writer.flush(None)
+    if not any(e["rows"] for e in writer.outputs[0].shards):
+        raise _nothing_kept(writer.header[writer.outputs[0].size]["source"]["images"],
+                            writer.plan_skips + writer.image_skips, plan.excluded)
     kept = _kept_images(gt, plan.tasks, writer.image_skips, detections)
     # a duplicate's id is also its kept first record's: only the other skips leave the GT
     drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0 and s.reason != coco.DUPLICATE_ID}
@@ -432,6 +445,9 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr)
     if strict and plan.skipped:
         raise _strict_error(plan.skipped[0], detections or source["annotations"]["uri"])
+    if not plan.tasks:
+        raise _nothing_kept(detections or source["annotations"]["uri"], [s.to_dict() for s in plan.skipped],
+                            plan.excluded)
     settings = {"padding": DEFAULT_PADDING, "shard_size": shard_size, "jpeg_quality": JPEG_QUALITY,
                 "box_source": "detections" if detections else "ground_truth", "det_score_thr": det_score_thr,
                 "resampling": "opencv jpeg-dct-scale + box-reduce + bilinear"}
