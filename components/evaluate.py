@@ -15,7 +15,7 @@ from components.images import image
 def evaluate(onnx_model: Input[Model], shards: Input[Dataset], input_size: str, flip_test: bool,
              detections_uri: str, experiment: str, parent_run_id: str, evaluation: Output[Artifact],
              metrics: Output[Metrics], report: Output[Markdown]) -> None:
-    """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>`` (OKS-NMS when the shards come from detections)."""
+    """Evaluate ``keypoints.onnx`` on ``<shards>/<input_size>`` (instance rescoring + OKS-NMS, as HRNet)."""
     import json
     import shutil
     from pathlib import Path
