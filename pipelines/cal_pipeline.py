@@ -160,7 +160,8 @@ def cal_pipeline(
                           epochs=epochs_stage2, lr=lr_stage2, mgm_update=mgm_update, **training)
     _resources(stage2, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
 
-    exported = export_onnx(checkpoint=stage2.outputs["model"], flip_test=flip_test, **tracking)
+    exported = export_onnx(checkpoint=stage2.outputs["model"], shards=shards["val"], input_size=input_size,
+                           flip_test=flip_test, **tracking)
     _resources(exported, "2", "8Gi").set_display_name("export-onnx")
 
     evaluated = evaluate(onnx_model=exported.outputs["onnx_model"], shards=shards["val"], input_size=input_size,

@@ -76,8 +76,19 @@ def test_dag_has_the_six_stages_in_order(spec):
     keys = {task["taskInfo"]["name"]: key for key, task in spec["root"]["dag"]["tasks"].items()}
     for later, earlier in (("train-stage1", "downsample-train"), ("fit-gmm", "train-stage1"),
                            ("train-stage2", "fit-gmm"), ("export-onnx", "train-stage2"),
-                           ("evaluate", "export-onnx"), ("evaluate", "downsample-val"), ("register", "evaluate")):
+                           ("export-onnx", "downsample-val"), ("evaluate", "export-onnx"),
+                           ("evaluate", "downsample-val"), ("register", "evaluate")):
         assert keys[earlier] in deps[later], f"{later} must consume {earlier}'s output"
+
+
+@pytest.mark.parametrize("name", ["export-onnx", "evaluate"])
+def test_val_shards_and_input_size_feed_export_and_evaluate(spec, name):
+    """Export checks parity on real val crops (``<shards>/<input_size>``), the same ones evaluate scores."""
+    keys = {task["taskInfo"]["name"]: key for key, task in spec["root"]["dag"]["tasks"].items()}
+    inputs = _tasks(spec)[name]["inputs"]
+    assert inputs["artifacts"]["shards"]["taskOutputArtifact"] == {
+        "producerTask": keys["downsample-val"], "outputArtifactKey": "shards"}
+    assert inputs["parameters"]["input_size"] == {"componentInputParameter": "input_size"}
 
 
 def test_gpu_memory_and_retries_on_training(spec):
@@ -316,6 +327,26 @@ def test_non_cal_methods_pass_through_fit_gmm_and_stage2(tmp_path):
                              experiment="x", parent_run_id="", model=model)
     assert (tmp_path / "stage2" / "model.pt").read_bytes() == b"stage-1 weights"
     assert "passthrough" in model.metadata
+
+
+def test_export_component_checks_parity_on_the_shards_of_its_input_size(tmp_path, monkeypatch):
+    """The component body (called directly) passes ``--shards <shards>/<input_size>`` to `cal-pose export`."""
+    from kfp import dsl
+
+    from components import runtime
+    from components.export_onnx import export_onnx
+
+    calls = []
+    monkeypatch.setattr(runtime, "run_stage", lambda argv, experiment, parent_run_id: calls.append(argv))
+    model = dsl.Model(uri=str(tmp_path / "onnx"))
+    export_onnx.python_func(checkpoint=dsl.Model(uri=str(tmp_path / "stage2")),
+                            shards=dsl.Dataset(uri=str(tmp_path / "val")), input_size="64x48", flip_test=True,
+                            experiment="x", parent_run_id="", onnx_model=model)
+    [argv] = calls
+    assert argv[0] == "export" and "--flip" in argv
+    assert argv[argv.index("--shards") + 1] == f"{tmp_path}/val/64x48"
+    assert argv[argv.index("--checkpoint") + 1] == f"{tmp_path}/stage2/model.pt"
+    assert model.metadata["model_file"] == "keypoints.onnx"
 
 
 def test_cluster_parent_run_records_the_main_arguments(tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ def check_artifacts(summary: dict, method: str) -> Path:
     assert one(root, "train-stage2/model/model.pt").stat().st_size > 0
     for name in ("raw.onnx", "keypoints.onnx", "parity.json"):
         assert one(root, f"export-onnx/onnx_model/{name}").stat().st_size > 0
+    parity = json.loads(one(root, "export-onnx/onnx_model/parity.json").read_text())
+    assert parity["ok"] and [c["inputs"] for c in parity["checks"]] == ["random normal", "real crops"]
     evaluation = one(root, "evaluate/evaluation")
     assert (evaluation / "report.md").read_text().strip()
     assert one(root, "evaluate/report").read_text() == (evaluation / "report.md").read_text()
