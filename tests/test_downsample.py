@@ -526,6 +526,27 @@ def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_rerun_after_fixing_the_images_the_manifest_named_recovers_their_people(coco_mini: Path,
+                                                                               tmp_path: Path) -> None:
+    """Skipped as missing/corrupt, then restored: the same command recomputes (it once kept the old set)."""
+    root, expected = _broken_root(coco_mini, tmp_path)
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=4, workers=1, progress=False)
+    broken = {s["file"] for s in _manifest(out / "64x48")["skipped"] if s["reason"] in downsample.IMAGE_REASONS}
+    assert len(broken) == 2
+    again = downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=4, workers=1, progress=False)
+    assert again["64x48"]["already_complete"]  # nothing changed: nothing recomputed
+    for name in broken:
+        shutil.copy(coco_mini / "val2017" / name, root / "val2017" / name)
+    fixed = downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=4, workers=1, progress=False)
+    fresh = downsample.downsample(str(root), "val", str(tmp_path / "fresh"), ["64x48"], shard_size=4, workers=1,
+                                  progress=False)
+    assert not fixed["64x48"]["already_complete"]
+    assert fixed["64x48"]["counts"] == fresh["64x48"]["counts"]
+    assert not {s["file"] for s in _manifest(out / "64x48")["skipped"]} & broken
+    assert _manifest(out / "64x48")["shards"] == _manifest(tmp_path / "fresh" / "64x48")["shards"]
+
+
 @pytest.mark.parametrize("kill_at, damage", [(3, False), (6, False), (4, True)])
 def test_killed_run_resumes_to_the_same_result(coco_mini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                kill_at: int, damage: bool) -> None:

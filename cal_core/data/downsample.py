@@ -83,12 +83,16 @@ class Job:
 
 @dataclass
 class ImageResult:
-    """A worker's answer for one image: rows per size (column dicts), or why it was skipped."""
+    """A worker's answer for one image: rows per size (column dicts), or why it was skipped.
+
+    ``sha256`` is the digest of an unusable file's bytes, so a rerun can tell whether it was replaced.
+    """
 
     task: coco.ImageTask
     rows: list[list[dict[str, Any]]]
     reason: str | None = None
     detail: str = ""
+    sha256: str | None = None
 
 
 _JOB: Job | None = None
@@ -128,11 +132,11 @@ def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
     try:
         decoded = crops.decode(data, min_step)
     except crops.ImageDecodeError as exc:
-        return ImageResult(task, [], coco.CORRUPT_IMAGE, str(exc))
+        return ImageResult(task, [], coco.CORRUPT_IMAGE, str(exc), shards.sha256(data))
     if decoded.size != (task.width, task.height):
         return ImageResult(task, [], coco.SIZE_MISMATCH,
                            f"image is {decoded.size[0]}x{decoded.size[1]} (WxH), the annotations say "
-                           f"{task.width}x{task.height}")
+                           f"{task.width}x{task.height}", shards.sha256(data))
     rows = []
     for size, per_size in zip(job.sizes, matrices, strict=True):
         crop_h, crop_w = crops.crop_size(size, job.margin)
@@ -345,7 +349,35 @@ def _image_skips(result: ImageResult, image_root: str, strict: bool) -> list[dic
         raise _strict_error(skips[0], storage.join(image_root, result.task.file_name), result.detail)
     log.warning("skipping image %s (%s): %s: %s", result.task.image_id, result.task.file_name, result.reason,
                 result.detail)
-    return [s.to_dict() for s in skips]
+    digest = {"sha256": result.sha256} if result.sha256 else {}
+    return [{**s.to_dict(), **digest} for s in skips]
+
+
+def _images_replaced(skipped: list[dict[str, Any]], image_root: str) -> list[str]:
+    """Files an earlier run skipped as missing or unreadable that are now there or different.
+
+    A finished set is keyed on the annotation file and the settings, not on
+    every image; but after the manifest named broken images, replacing them
+    and rerunning the same command is the natural fix, so those few files
+    are checked again (a missing one for existence, an unreadable one
+    against the sha256 recorded when it was skipped).
+    """
+    entries = {s["file"]: s for s in reversed(skipped) if s.get("reason") in IMAGE_REASONS and s.get("file")}
+    replaced = []
+    for name, entry in entries.items():
+        uri = storage.join(image_root, name)
+        if entry["reason"] == coco.MISSING_FILE:
+            changed = storage.exists(uri)
+        elif "sha256" in entry:
+            try:
+                changed = shards.sha256(storage.read_bytes(uri)) != entry["sha256"]
+            except FileNotFoundError:
+                changed = True
+        else:
+            continue  # recorded before digests were: nothing to compare with
+        if changed:
+            replaced.append(name)
+    return replaced
 
 
 def _kept_images(gt: dict[str, Any], tasks: list[coco.ImageTask], image_skips: list[dict[str, Any]],
@@ -454,6 +486,10 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     header = {size: _header(size, split, margin, source, settings) for size in sizes}
     outputs = [Output(size, storage.join(out, shards.size_name(size)), []) for size in sizes]
     prevs = [_previous(o.uri, header[o.size]) for o in outputs]
+    replaced = sorted({f for p in prevs for f in _images_replaced(p.skipped, source["images"])})
+    if replaced:
+        log.info("images skipped before are now there or replaced (%s): recomputing", ", ".join(replaced[:5]))
+        prevs = [_Previous([], None, [], False) for _ in prevs]
     if all(_is_done(o, p) for o, p in zip(outputs, prevs, strict=True)):
         log.info("%s: all shards already complete for %s", out, ", ".join(map(shards.size_name, sizes)))
         return _report(outputs, prevs, already_complete=True)
