@@ -9,7 +9,11 @@
 
 Both graphs: opset :data:`OPSET`, dynamic batch, one file (weights inline),
 and metadata_props describing the model (method, input size, mean/std,
-keypoint names, skeleton, training run id, code version, graph kind, flip).
+keypoint names, skeleton, training run id, code version, graph kind, flip)
+and the deployment contract (:func:`deployment_metadata`): how to cut the
+input crop from an image and a person box, how to map keypoints back, what
+the scores mean. The formulas there are Python statements, exact and
+checked against :mod:`cal_core.geometry` by the tests.
 
 Self-check before anything is written as done: ``onnx.checker``, then
 onnxruntime vs torch on random inputs and (with ``--shards``) real crops:
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from cal_core import infer, tracking
+from cal_core.geometry import DEFAULT_PADDING
 from cal_core.skeleton import KEYPOINT_NAMES, LIMBS
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,32 @@ OUTPUT_TOL = 1e-4
 KEYPOINT_TOL_PX = 1e-3
 RANDOM_BATCH = 4
 REAL_CROPS = 8
+
+#: Person box ``x, y, w, h`` (image px) -> crop centre and size: :func:`cal_core.geometry.box_to_center_size`
+#: with the input's aspect ``W / H`` and ``box_padding``, as Python statements.
+CROP_BOX = ("cx = x + w / 2; cy = y + h / 2; "
+            "size_w = max(w, h * (W / H)) * box_padding; size_h = max(h, w / (W / H)) * box_padding")
+#: Image px -> input px affine ``M`` (2x3, ``p' = M @ (x, y, 1)``): :func:`cal_core.geometry.warp_matrix`
+#: (UDP: scale (W - 1) / size, not W / size as HRNet/mmpose's get_affine_transform).
+CROP_AFFINE = ("sx = (W - 1) / size_w; sy = (H - 1) / size_h; "
+               "M = [[sx, 0, (W - 1) / 2 - sx * cx], [0, sy, (H - 1) / 2 - sy * cy]]")
+#: How to make the crop pixels (one bilinear warp, as the evaluation crops; those were also
+#: anti-aliased when shrinking more than 2x, cal_core.data.crops) and map keypoints back.
+CROP_WARP = ("cv2.warpAffine(image_bgr, M, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, "
+             "borderValue=0), then input_format; keypoints: input px -> image px by the inverse of M")
+#: What a keypoint score is, per codec: a value read at the argmax pixel of the heatmap (d: that
+#: pixel's distance to the joint in heatmap px; sigma and R: the codec's settings, metadata ``codec``).
+KEYPOINT_SCORES = {
+    "heatmap": "heatmap value at the argmax: the regressed Gaussian C (Eq. 2, target exp(-d^2 / (2 sigma^2))), "
+               "not squashed (may leave [0, 1])",
+    "dark": "heatmap value at the argmax (before DARK's blur): the regressed Gaussian C (Eq. 2, target "
+            "exp(-d^2 / (2 sigma^2))), not squashed (may leave [0, 1])",
+    "udp": "sigmoid of the heatmap logit at the argmax: the predicted probability that the pixel lies within "
+           "R of the joint (disk B, Eqs. 6 and 8)",
+    "cal": "heatmap value at the argmax: the regressed G = B * C (Eq. 10: the Gaussian C within R of the "
+           "joint, 0 outside), scaled so the target at the joint's nearest pixel is 1; not squashed "
+           "(may leave [0, 1])",
+}
 
 
 class ParityError(RuntimeError):
@@ -177,10 +208,39 @@ def metadata_for(config: dict[str, Any], codec: Any, graph: str, flip: bool, run
         "codec": json.dumps(codec.config()),
         "flip_test": "true" if (flip and graph == "keypoints") else "false",
         "output": ("keypoints (N,K,3): x, y in input-crop px (UDP pixel centres), score" if graph == "keypoints"
-                   else "heatmap (N,K,h,w)" + (", offset (N,K,2,h,w) / offset_norm" if codec.has_offsets else "")),
+                   else "heatmap (N,K,h,w)" + (", offset (N,K,2,h,w) / offset_norm" if codec.has_offsets else "")
+                   + "; heatmap px -> input px: x, y times heatmap_to_input"),
         "training_run_id": run_id or "",
         "code_version": code_version,
+        **deployment_metadata(codec, graph, flip),
     }
+
+
+def deployment_metadata(codec: Any, graph: str, flip: bool) -> dict[str, str]:
+    """The metadata keys that say how to cut the crop, map keypoints back and read the scores.
+
+    Without them a deployer would guess HRNet's conventions (``W / size``
+    affine, stride-4 heatmaps), which put keypoints up to 1 input px off
+    (affine) or 3 px (stride 4 for 47/11 at the right edge of a 64x48 input).
+    Every value comes from the constants the code uses (padding, UDP stride,
+    score threshold), so metadata and code cannot drift apart.
+    """
+    score = KEYPOINT_SCORES[codec.name]
+    if flip and graph == "keypoints":
+        score += "; read from the heatmap averaged with the mirrored input's (flip_test)"
+    meta = {
+        "box_padding": json.dumps(DEFAULT_PADDING),
+        "crop_box": CROP_BOX,
+        "crop_affine": CROP_AFFINE,
+        "crop_warp": CROP_WARP,
+        "keypoint_score": score,
+        "keypoint_score_threshold": json.dumps(infer.KEYPOINT_SCORE_THRESHOLD),
+        "instance_score": (f"box_score * mean of the keypoint scores > {infer.KEYPOINT_SCORE_THRESHOLD} "
+                           "(0 if none), as HRNet/mmpose and cal-pose evaluate"),
+    }
+    if graph == "raw":  # UDP: (W - 1) / (w - 1), not the stride 4
+        meta["heatmap_to_input"] = json.dumps([float(v) for v in codec.stride])
+    return meta
 
 
 def codec_for(config: dict[str, Any]) -> Any:

@@ -6,17 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
-from cal_core import export, infer
+from cal_core import export, geometry, infer
 from cal_core.codecs import CODECS, build_codec
+from cal_core.data import crops
+from cal_core.data.dataset import normalise
 from cal_core.models import build_model, default_head
 from cal_core.skeleton import KEYPOINT_NAMES
 
 SIZE = (64, 48)
+#: Person boxes (x, y, w, h) in a 240x320 test image: tall, wide, and one of the input aspect partly outside.
+#: Each shrinks less than 2x into the input, so cal_core's anti-aliased crop is one plain bilinear warp.
+BOXES = np.array([[100.0, 60.0, 50.0, 90.0], [20.0, 150.0, 60.0, 30.0], [280.0, -10.0, 60.0, 80.0]])
+DEPLOY_KEYS = {"box_padding", "crop_box", "crop_affine", "crop_warp", "keypoint_score",
+               "keypoint_score_threshold", "instance_score"}
 
 
 def _model(method: str) -> torch.nn.Module:
@@ -76,6 +85,103 @@ def test_mismatch_fails_with_the_numbers(exported: dict, monkeypatch: pytest.Mon
     report = json.loads((folder / "parity.json").read_text())
     assert report["ok"] is False and report["checks"][0]["heatmap_max_abs_diff"] > 0.0
     assert [r["inputs"] for r in report["checks"]] == ["random normal", "real crops"]
+
+
+def _formula(statements: str, **names: float) -> dict:
+    """Run a metadata formula (Python statements) on ``names``; returns the names it defines."""
+    scope = dict(names)
+    exec(statements, {"__builtins__": {"max": max}}, scope)  # our own export's metadata, not user input
+    return scope
+
+
+def test_metadata_states_the_deployment_contract(exported: dict) -> None:
+    """The crop/score keys hold the code's constants, and the formulas compute cal_core.geometry's crop."""
+    folder = exported["cal"][0]
+    raw, kp = export.read_metadata(folder / "raw.onnx"), export.read_metadata(folder / "keypoints.onnx")
+    assert set(kp) >= DEPLOY_KEYS and set(raw) >= DEPLOY_KEYS | {"heatmap_to_input"}
+    assert "heatmap_to_input" not in kp
+    assert json.loads(kp["box_padding"]) == geometry.DEFAULT_PADDING == 1.25
+    assert json.loads(kp["keypoint_score_threshold"]) == infer.KEYPOINT_SCORE_THRESHOLD
+    assert f"> {infer.KEYPOINT_SCORE_THRESHOLD} " in kp["instance_score"]
+    # UDP heatmap -> input scale (W-1)/(w-1), (H-1)/(h-1) at 64x48 -> 16x12: 47/11 and 63/15, not 4.
+    assert json.loads(raw["heatmap_to_input"]) == pytest.approx([47 / 11, 63 / 15], abs=1e-12)
+    height, width = SIZE
+    for box in [*BOXES, (0.0, 0.0, 30.0, 40.0)]:  # the last has the input's aspect exactly
+        x, y, w, h = box
+        crop = _formula(kp["crop_box"], x=x, y=y, w=w, h=h, W=width, H=height,
+                        box_padding=json.loads(kp["box_padding"]))
+        center, size = geometry.box_to_center_size(box, width / height)
+        np.testing.assert_allclose([crop["cx"], crop["cy"], crop["size_w"], crop["size_h"]], [*center, *size],
+                                   rtol=1e-12)
+        affine = _formula(kp["crop_affine"], **crop)
+        np.testing.assert_allclose(affine["M"], geometry.warp_matrix(center, size, 0.0, (width, height)),
+                                   rtol=1e-12, atol=1e-9)
+
+
+def _deploy_affine(meta: dict[str, str], box: np.ndarray) -> np.ndarray:
+    """Image px -> input px for a person box, from the metadata only (the recipe of docs/quickstart.md)."""
+    height, width = (int(v) for v in meta["input_size"].split("x"))
+    x, y, w, h = box
+    pad = float(meta["box_padding"])
+    cx, cy = x + w / 2, y + h / 2
+    size_w, size_h = max(w, h * (width / height)) * pad, max(h, w / (width / height)) * pad
+    sx, sy = (width - 1) / size_w, (height - 1) / size_h
+    return np.array([[sx, 0, (width - 1) / 2 - sx * cx], [0, sy, (height - 1) / 2 - sy * cy]])
+
+
+def _deploy_estimate(path: Path, image_bgr: np.ndarray, boxes: np.ndarray,
+                     box_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints (N, K, 3) in image px and person scores (N,) with numpy, cv2 and onnxruntime only.
+
+    The recipe of docs/quickstart.md ("Deploying the ONNX model"), step for step.
+    """
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    height, width = (int(v) for v in meta["input_size"].split("x"))
+    mean, std = np.float32(json.loads(meta["mean"])), np.float32(json.loads(meta["std"]))
+    mats = [_deploy_affine(meta, box) for box in boxes]
+    crops_bgr = [cv2.warpAffine(image_bgr, m, (width, height), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0) for m in mats]
+    x = (np.stack(crops_bgr)[..., ::-1] / np.float32(255) - mean) / std
+    out = session.run(None, {"x": x.transpose(0, 3, 1, 2).astype(np.float32)})[0]
+    for m, kpts in zip(mats, out, strict=True):
+        back = cv2.invertAffineTransform(m)
+        kpts[:, :2] = kpts[:, :2] @ back[:, :2].T + back[:, 2]
+    above = out[..., 2] > float(meta["keypoint_score_threshold"])
+    mean_above = (out[..., 2] * above).sum(-1) / np.maximum(above.sum(-1), 1)
+    return out, np.asarray(box_scores) * mean_above
+
+
+@pytest.mark.parametrize("method", CODECS)
+def test_metadata_recipe_reproduces_cal_core_inference(method: str, exported: dict) -> None:
+    """Image + boxes -> keypoints by the metadata alone == cal_core's evaluation path, within 1e-3 px."""
+    folder, model, _ = exported[method]
+    codec = build_codec(method, SIZE)
+    image = np.random.default_rng(3).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    box_scores = np.array([0.9, 0.5, 1.0])
+    got, person_scores = _deploy_estimate(folder / "keypoints.onnx", image, BOXES, box_scores)
+
+    # cal_core: padded box -> UDP crop (anti-aliased renderer), normalise, torch flip test, inverse affine.
+    mats = [crops.crop_matrix(tuple(box), SIZE, 1.0, geometry.DEFAULT_PADDING) for box in BOXES]
+    decoded = crops.Decoded(image, 1, (image.shape[1], image.shape[0]))
+    x = torch.stack([normalise(crops.render(decoded, m, SIZE[::-1])) for m in mats])
+    kpts, scores = infer.predict(model, x, codec, flip=True)
+    want = infer.to_image_coords(kpts, np.stack([geometry.invert_affine(m) for m in mats]))
+
+    with torch.no_grad():
+        heat = infer.forward(model, x, flip=True)["heatmap"].numpy()
+    clear = ~export._ambiguous_joints(heat, export.OUTPUT_TOL)  # argmax ties cannot be held to 1e-3 px
+    assert clear.mean() >= 0.8
+    assert np.linalg.norm(got[..., :2] - want, axis=-1)[clear].max() <= export.KEYPOINT_TOL_PX
+    np.testing.assert_allclose(got[..., 2], scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(person_scores, infer.instance_score(box_scores, scores.numpy()), atol=1e-4)
+
+    # keypoint_score: the (flip-averaged) heatmap maximum, through a sigmoid iff the heatmap is a logit map.
+    meta = export.read_metadata(folder / "keypoints.onnx")
+    logits = getattr(codec, "logit_heatmap", False)
+    assert meta["keypoint_score"].startswith("sigmoid") == logits
+    peak = torch.from_numpy(heat.reshape(*heat.shape[:2], -1).max(-1))
+    np.testing.assert_allclose(got[..., 2], (peak.sigmoid() if logits else peak).numpy(), atol=1e-4)
 
 
 @pytest.mark.slow  # two more dynamo exports (~10 s on a quiet 2-core machine)
