@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cal_core.codecs import build_codec
-from cal_core.codecs.dark import blur_kernel_1d
+from cal_core.codecs.blur import blur_kernel_1d
 from tests.codec_cases import SIZES, heatmap_error, random_joints, round_trip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -56,12 +57,18 @@ def test_torch_decode_matches_numpy_on_random_outputs(name: str) -> None:
     kpts, scores = codec.decode(torch.from_numpy(heat), torch.from_numpy(offset))
     kpts_np, scores_np = codec.decode_numpy(heat, offset)
     np.testing.assert_allclose(kpts.numpy(), kpts_np, atol=1e-4)
-    np.testing.assert_allclose(scores.numpy(), scores_np)
-    # Eq. 9 by hand for one joint: argmax pixel + 1.5 * offset there, times the stride
+    np.testing.assert_allclose(scores.numpy(), scores_np, rtol=1e-6)
+    # Eq. 9 by hand for one joint: argmax pixel + 1.5 * offset there, times the stride. UDP takes the argmax
+    # of its sigmoid map blurred 7x7 (128x96), computed here with OpenCV (edge-replicated border).
     n, k = 1, 5
-    y, x = np.unravel_index(heat[n, k].argmax(), (32, 24))
+    confidence = heat[n, k].astype(np.float64)
+    if name == "udp":
+        assert codec.settings.blur_kernel == 7
+        confidence = cv2.GaussianBlur(1 / (1 + np.exp(-confidence)), (7, 7), 0, borderType=cv2.BORDER_REPLICATE)
+    y, x = np.unravel_index(confidence.argmax(), (32, 24))
     expected = (np.array([x, y]) + 1.5 * offset[n, k, :, y, x]) * codec.stride
     np.testing.assert_allclose(kpts_np[n, k], expected)
+    np.testing.assert_allclose(scores_np[n, k], confidence[y, x], rtol=1e-9)
 
 
 def test_decode_requires_offsets() -> None:
@@ -73,14 +80,37 @@ def test_decode_requires_offsets() -> None:
 
 
 def test_scores_are_probabilities_for_udp_logits_and_raw_for_cal() -> None:
-    """UDP's heatmap is a logit map (Eq. 8 BCE): score = sigmoid(max logit); CAL's is G itself."""
+    """UDP's heatmap is a logit map (Eq. 8 BCE): score = its sigmoid, blurred 7x7; CAL's is G itself."""
     heat = np.full((1, 17, 16, 12), -3.0, dtype=np.float32)
     heat[0, :, 5, 4] = 2.0  # the peak logit
     offset = np.zeros((1, 17, 2, 16, 12), dtype=np.float32)
-    expected = 1.0 / (1.0 + np.exp(-2.0))  # 0.880797...
+    # OpenCV's 7-tap kernel has centre tap 0.28125: the peak pixel weighs 0.28125^2, the other 48 (all
+    # sigmoid(-3), inside the map) the rest
+    centre = 0.28125**2
+    expected = centre / (1.0 + np.exp(-2.0)) + (1 - centre) / (1.0 + np.exp(3.0))  # 0.113343...
     for decode in (build_codec("udp", (64, 48)).decode_numpy, build_codec("udp", (64, 48)).decode):
         args = (heat, offset) if decode.__name__ == "decode_numpy" else (torch.from_numpy(heat), torch.from_numpy(offset))
         _, scores = decode(*args)
         np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-6)
     _, cal_scores = build_codec("cal", (64, 48)).decode_numpy(heat, offset)
     np.testing.assert_allclose(cal_scores, 2.0)
+
+
+def test_blurred_argmax_finds_the_centre_of_a_predicted_plateau() -> None:
+    """A network trained on the flat disk predicts a noisy plateau: its raw argmax lands anywhere in the disk.
+
+    UDP's decoder blurs first (UDP-Pose, mmpose); the coarse estimate (offsets zeroed) moves to the centre.
+    """
+    codec = build_codec("udp", (128, 96))
+    plain = build_codec("udp", (128, 96), blur_kernel=1)
+    rng = np.random.default_rng(3)
+    joints = random_joints(codec, 40, seed=4)
+    errors = {"blurred": [], "plain": []}
+    for person in joints:
+        disk = codec.encode(person, np.full(17, 2))[0]["heatmap"]
+        logits = np.where(disk > 0, 3.0, -3.0) + rng.normal(0.0, 0.3, disk.shape)
+        zero = np.zeros((1, 17, 2, *codec.heatmap_size))
+        for name, c in (("blurred", codec), ("plain", plain)):
+            coarse = c.decode_numpy(logits[None], zero)[0][0]
+            errors[name].append(np.linalg.norm((coarse - person) / codec.stride, axis=-1).mean())
+    assert np.mean(errors["blurred"]) < 0.5 * np.mean(errors["plain"]), errors

@@ -176,12 +176,18 @@ def test_metadata_recipe_reproduces_cal_core_inference(method: str, exported: di
     np.testing.assert_allclose(got[..., 2], scores.numpy(), atol=1e-4)
     np.testing.assert_allclose(person_scores, infer.instance_score(box_scores, scores.numpy()), atol=1e-4)
 
-    # keypoint_score: the (flip-averaged) heatmap maximum, through a sigmoid iff the heatmap is a logit map.
+    # keypoint_score: the (flip-averaged) heatmap maximum, through a sigmoid iff the heatmap is a logit map,
+    # blurred first where the codec's decoder blurs (udp; OpenCV here, edge-replicated border).
     meta = export.read_metadata(folder / "keypoints.onnx")
     logits = getattr(codec, "logit_heatmap", False)
     assert meta["keypoint_score"].startswith("sigmoid") == logits
-    peak = torch.from_numpy(heat.reshape(*heat.shape[:2], -1).max(-1))
-    np.testing.assert_allclose(got[..., 2], (peak.sigmoid() if logits else peak).numpy(), atol=1e-4)
+    confidence = 1 / (1 + np.exp(-heat.astype(np.float64))) if logits else heat.astype(np.float64)
+    if getattr(codec, "blur_heatmap", False):
+        assert "blurred" in meta["keypoint_score"]
+        kernel = (codec.settings.blur_kernel,) * 2
+        confidence = np.stack([[cv2.GaussianBlur(m, kernel, 0, borderType=cv2.BORDER_REPLICATE) for m in maps]
+                               for maps in confidence])
+    np.testing.assert_allclose(got[..., 2], confidence.reshape(*heat.shape[:2], -1).max(-1), atol=1e-4)
 
 
 @pytest.mark.slow  # two more dynamo exports (~10 s on a quiet 2-core machine)

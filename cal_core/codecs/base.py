@@ -39,7 +39,8 @@ class CodecSettings:
     ``sigma`` is the Gaussian standard deviation of Eq. 2, ``radius`` the disk
     radius R of Eqs. 6-7 and ``offset_norm`` the length the offsets of Eq. 7 are
     divided by in the targets (and multiplied by again when decoding).
-    ``blur_kernel`` is DARK's smoothing kernel size (odd) and ``quarter_shift``
+    ``blur_kernel`` is the decode's smoothing kernel size (odd; DARK before its
+    Taylor step, UDP before its argmax) and ``quarter_shift``
     switches the heatmap codec's quarter-pixel shift toward the higher neighbour.
     """
 

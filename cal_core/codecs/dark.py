@@ -7,7 +7,7 @@ For an exact Gaussian ``L`` is a quadratic, so the step lands on the centre.
 
 Choices, stated because the heatmaps here are tiny (16x12 at 64x48):
 - ``blur`` is a ``blur_kernel`` x ``blur_kernel`` Gaussian with OpenCV's
-  default taps for that size (:func:`blur_kernel_1d`) and zero padding, as
+  default taps for that size (:mod:`cal_core.codecs.blur`) and zero padding, as
   DARK's ``cv2.GaussianBlur`` on a zero-bordered map. DARK also rescales the
   blurred map to the raw maximum; the log's derivatives ignore a constant
   factor, so that step is left out.
@@ -26,37 +26,14 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cal_core.codecs.base import argmax_numpy, argmax_torch
+from cal_core.codecs.blur import blur_numpy, blur_torch
 from cal_core.codecs.heatmap import HeatmapCodec
 
 LOG_FLOOR = 1e-10
 #: Largest refinement per axis, heatmap pixels.
 MAX_STEP = 0.5
-
-
-#: OpenCV's fixed taps for small kernels given sigma 0 (``getGaussianKernel``'s ``small_gaussian_tab``).
-_OPENCV_SMALL_TAPS: dict[int, tuple[float, ...]] = {
-    1: (1.0,),
-    3: (0.25, 0.5, 0.25),
-    5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
-    7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125),
-}
-
-
-def blur_kernel_1d(kernel: int) -> np.ndarray:
-    """Normalised 1-D Gaussian taps of length ``kernel``, as ``cv2.getGaussianKernel(kernel, 0)``.
-
-    OpenCV (hence DARK's ``cv2.GaussianBlur(..., 0)``) uses fixed taps up to 7
-    and otherwise samples a Gaussian of sigma ``0.3 * ((kernel - 1) / 2 - 1) + 0.8``.
-    """
-    if kernel in _OPENCV_SMALL_TAPS:
-        return np.array(_OPENCV_SMALL_TAPS[kernel])
-    taps = np.arange(kernel) - (kernel - 1) / 2
-    sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
-    g = np.exp(-(taps**2) / (2 * sigma**2))
-    return g / g.sum()
 
 
 class DarkCodec(HeatmapCodec):
@@ -72,10 +49,8 @@ class DarkCodec(HeatmapCodec):
         stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
         if h < 3 or w < 3:  # no pixel has the 3x3 neighbourhood the Newton step reads: plain argmax
             return xy * stride, score
-        taps = blur_kernel_1d(self.settings.blur_kernel)
-        weight = torch.as_tensor(np.tile(np.outer(taps, taps), (k, 1, 1, 1)), dtype=torch.float32, device=heatmap.device)
         # float32 even under AMP: LOG_FLOOR underflows to 0 in float16 and the log would be -inf
-        smooth = F.conv2d(heatmap.float(), weight, padding=self.settings.blur_kernel // 2, groups=k)
+        smooth = blur_torch(heatmap, self.settings.blur_kernel, "zero")
         log = torch.log(smooth.clamp(min=LOG_FLOOR)).reshape(n, k, h * w)
         x, y = xy[..., 0], xy[..., 1]
         inner = (x >= 1) & (x <= w - 2) & (y >= 1) & (y <= h - 2)
@@ -94,12 +69,7 @@ class DarkCodec(HeatmapCodec):
         _, xy, score = argmax_numpy(heatmap)
         if h < 3 or w < 3:  # as decode: no 3x3 neighbourhood anywhere
             return xy * self.stride, score
-        kernel = self.settings.blur_kernel
-        g = blur_kernel_1d(kernel)
-        pad = kernel // 2
-        padded = np.pad(heatmap, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel), axis=(2, 3))
-        log = np.log(np.maximum(np.einsum("nkhwij,i,j->nkhw", windows, g, g), LOG_FLOOR))
+        log = np.log(np.maximum(blur_numpy(heatmap, self.settings.blur_kernel, "zero"), LOG_FLOOR))
         px, py = xy[..., 0].astype(int), xy[..., 1].astype(int)
         inner = (px >= 1) & (px <= w - 2) & (py >= 1) & (py <= h - 2)
         px, py = np.where(inner, px, 1), np.where(inner, py, 1)
