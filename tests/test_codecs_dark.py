@@ -8,13 +8,25 @@ import pytest
 import torch
 
 from cal_core.codecs import build_codec
-from cal_core.codecs.blur import blur_kernel_1d
+from cal_core.codecs.blur import blur_kernel_1d, blur_numpy, blur_torch
 from tests.codec_cases import SIZES, heatmap_error, random_joints, round_trip
 
 
 @pytest.mark.parametrize("kernel", [3, 11])
 def test_blur_taps_equal_opencv_default(kernel: int) -> None:
     np.testing.assert_allclose(blur_kernel_1d(kernel), cv2.getGaussianKernel(kernel, 0)[:, 0], atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, border, cv_border", [(3, "zero", cv2.BORDER_CONSTANT),
+                                                       (7, "edge", cv2.BORDER_REPLICATE),
+                                                       (15, "edge", cv2.BORDER_REPLICATE)])
+def test_blur_equals_opencv_gaussian_blur(kernel: int, border: str, cv_border: int) -> None:
+    """DARK's zero-bordered and UDP's edge-replicated blur are cv2.GaussianBlur(map, (k, k), 0), torch and numpy."""
+    maps = np.random.default_rng(1).random((2, 3, 16, 12))
+    expected = np.stack([[cv2.GaussianBlur(m, (kernel, kernel), 0, borderType=cv_border) for m in row]
+                         for row in maps])
+    np.testing.assert_allclose(blur_numpy(maps, kernel, border), expected, atol=1e-12)
+    np.testing.assert_allclose(blur_torch(torch.from_numpy(maps), kernel, border).numpy(), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
