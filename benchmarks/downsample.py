@@ -23,11 +23,13 @@ rates are reported next to them. The two are timed in turns (ours, naive,
 ours, ...) so a drift hits both, and the best of ``--repeats`` runs of each
 is kept. ``--quick``: 10 val images, one repeat.
 
-Why not 3x (profiled at 64x48 on 2026-11-24; 2.24x-2.45x best-of over four
-runs, e.g. 814 vs 332 instances/s per core): one decode per image is the floor, and it is half of
+Why not 3x (profiled at 64x48 on 2026-11-24; 2.24x-2.45x best-of over five
+runs, e.g. 819 vs 337 instances/s per core): one decode per image is the floor, and it is half of
 the stage. libjpeg's DCT scaling skips only the inverse DCT and colour work;
 entropy decoding still reads every coefficient, so a 1/8-scale decode costs
-~55-65% of a full one, and 29 of coco-mini's 67 images hold a person small
+~55-67% of a full one (1.45 vs 2.18 ms an image on coco-mini; the N/8
+factors between are no way out: 3/4 and 7/8 take 2.7 and 3.5 ms, their
+inverse DCTs have no SIMD), and 29 of coco-mini's 67 images hold a person small
 enough to need full resolution. Of the stage's ~250 ms of CPU, decoding is
 ~125 ms (~1.9 ms per image) and the C work every crop needs (box reduce,
 bilinear warp, JPEG encode of the crop, then parquet + zstd) ~55 ms. 3x at
