@@ -7,6 +7,7 @@ compiled ``pipelines/cal_pipeline.yaml``; pipeline arguments are given as
 """
 
 import argparse
+from datetime import UTC, datetime
 
 from pipelines import client, compile, run_local
 
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_local.add_arguments(sub.add_parser("run-local", help="run the DAG here with kfp.local (= make run)"))
     submit = sub.add_parser("submit", help="start one run on a Kubeflow Pipelines server")
     _add_remote(submit)
-    submit.add_argument("--run-name", default="cal-pose", help="name of the run")
+    submit.add_argument("--run-name", default=None,
+                        help="name of the run (default cal-pose-<UTC time>: it also names the MLflow parent run)")
     submit.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
     upload = sub.add_parser("upload", help="upload the pipeline (or a new version of it) to the KFP UI")
     _add_remote(upload, runs=False)
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     arguments = client.parse_arguments(args.param, args.package)
     if args.action == "submit":
-        run_id = client.submit(kfp_client, arguments, args.run_name, args.experiment, args.package,
+        run_name = args.run_name or f"cal-pose-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        run_id = client.submit(kfp_client, arguments, run_name, args.experiment, args.package,
                                enable_caching=False if args.no_cache else None)
         print(f"submitted run {run_id}")
     else:

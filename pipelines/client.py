@@ -91,7 +91,7 @@ def parameter_types(package: str | Path = DEFAULT_OUTPUT) -> dict[str, str]:
 def parse_arguments(pairs: list[str], package: str | Path = DEFAULT_OUTPUT) -> dict[str, Any]:
     """``["epochs_stage1=5", ...]`` -> typed pipeline arguments, checked against the pipeline's parameters."""
     types = parameter_types(package)
-    casts = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float,
+    casts = {"STRING": str, "NUMBER_INTEGER": _integer, "NUMBER_DOUBLE": float,
              "BOOLEAN": lambda v: {"true": True, "1": True, "false": False, "0": False}[v.lower()]}
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -105,6 +105,17 @@ def parse_arguments(pairs: list[str], package: str | Path = DEFAULT_OUTPUT) -> d
         except (KeyError, ValueError) as exc:
             raise ValueError(f"pipeline argument {name}={value!r} is not a valid {types[name]}") from exc
     return out
+
+
+def _integer(value: str) -> int:
+    """An integer argument; integral floats too, as Helm renders large integers (``2.0261124e+07``)."""
+    try:
+        return int(value)
+    except ValueError:
+        number = float(value)
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def connect(host: str, namespace: str = "kubeflow") -> Any:
@@ -136,7 +147,11 @@ def submit(client: Any, arguments: dict[str, Any], run_name: str, experiment: st
 
 
 def upload(client: Any, name: str, version: str, package: str | Path = DEFAULT_OUTPUT) -> str:
-    """Upload the pipeline as ``name`` (first time) or as a new version ``version`` of it; returns the pipeline id."""
+    """Upload the pipeline as ``name`` (first time) or as a new version ``version`` of it; returns the pipeline id.
+
+    KFP's upload call names a new pipeline's first version after the pipeline itself, so ``version``
+    names the second and later uploads.
+    """
     pipeline_id = client.get_pipeline_id(name)
     if pipeline_id is None:
         return client.upload_pipeline(str(package), pipeline_name=name).pipeline_id

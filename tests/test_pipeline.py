@@ -190,6 +190,26 @@ def test_arguments_are_typed_from_the_compiled_pipeline():
         client.parse_arguments(["aws_secret_access_key=x"])
     with pytest.raises(ValueError, match="NUMBER_INTEGER"):
         client.parse_arguments(["epochs_stage1=many"])
+    # Helm renders big integer values as floats ("%v" of 20261124): integral floats are integers
+    assert client.parse_arguments(["seed=2.0261124e+07"]) == {"seed": 20261124}
+    with pytest.raises(ValueError, match="NUMBER_INTEGER"):
+        client.parse_arguments(["epochs_stage1=2.5"])
+
+
+def test_submitted_runs_get_distinct_default_names(monkeypatch: pytest.MonkeyPatch):
+    """The run name also names the MLflow parent run: a constant default made every parent 'pipeline cal-pose'."""
+    import argparse
+
+    from pipelines import cli
+
+    names = []
+    monkeypatch.setattr(client, "connect", lambda host, namespace: object())
+    monkeypatch.setattr(client, "submit", lambda c, arguments, run_name, *a, **k: names.append(run_name) or "r")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["submit", "--host", "http://kfp"])) == 0
+    assert cli.run(parser.parse_args(["submit", "--host", "http://kfp", "--run-name", "nightly"])) == 0
+    assert names[0].startswith("cal-pose-20") and names[1] == "nightly"
 
 
 class FakeClient:
