@@ -133,8 +133,11 @@ def cal_pipeline(
     parent = _resources(open_pipeline_run(
         experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, coco_uri=coco_uri, input_size=input_size, method=method,
-        backbone=backbone, epochs_stage1=epochs_stage1, epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr,
-        lr_stage2=lr_stage2, mgm_update=mgm_update, seed=seed), "250m", "512Mi")
+        backbone=backbone, pretrained_weights=pretrained_weights, epochs_stage1=epochs_stage1,
+        epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, lr_steps=lr_steps, lr_stage2=lr_stage2,
+        gmm_components=gmm_components, max_gmm_components=max_gmm_components, mgm_update=mgm_update,
+        flip_test=flip_test, amp=amp, seed=seed, workers=workers, detections_uri=detections_uri,
+        det_score_thr=det_score_thr, work_uri=work_uri, model_name=model_name), "250m", "512Mi")
     parent.set_caching_options(False).set_display_name("mlflow-parent-run")
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
 

@@ -152,8 +152,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     print(f"run {setup.run_id}: artifacts in {setup.run_dir}, MLflow at {tracking.redact_uri(tracking.tracking_uri())}", flush=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(setup.run_dir / "artifacts"),
                raise_on_error=True)
-    with tracking.pipeline_run(setup.run_id, args.experiment, params=setup.arguments,
-                               tags={"runner": "kfp.local", "data": setup.coco}, local_dir=setup.run_dir) as parent:
+    # the pipeline's first task logs every pipeline parameter on this run (as in a cluster)
+    with tracking.pipeline_run(setup.run_id, args.experiment, tags={"runner": "kfp.local", "data": setup.coco},
+                               local_dir=setup.run_dir) as parent:
         decision = cal_pipeline(**setup.arguments).output
         return finish_run(setup, parent, decision, {})
 

@@ -369,7 +369,7 @@ def test_export_component_checks_parity_on_the_shards_of_its_input_size(tmp_path
     assert model.metadata["model_file"] == "keypoints.onnx"
 
 
-def test_cluster_parent_run_records_the_main_arguments(tmp_path, monkeypatch):
+def test_cluster_parent_run_records_every_pipeline_parameter(tmp_path, monkeypatch):
     """In a cluster the first task opens the parent run: it carries params, so parent runs compare in MLflow."""
     from mlflow import MlflowClient
 
@@ -382,9 +382,15 @@ def test_cluster_parent_run_records_the_main_arguments(tmp_path, monkeypatch):
     monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
     run_id = open_pipeline_run.python_func(
         experiment="x", kfp_run_id="kfp-1", kfp_run_name="nightly", coco_uri="s3://d/coco", input_size="128x96",
-        method="cal", backbone="hrnet_w32", epochs_stage1=210, epochs_stage2=40, batch_size=64, lr=1e-3,
-        lr_stage2=1e-4, mgm_update="static", seed=0)
+        method="cal", backbone="hrnet_w32", pretrained_weights="", epochs_stage1=210, epochs_stage2=40, batch_size=64,
+        lr=1e-3, lr_steps="auto", lr_stage2=1e-4, gmm_components="auto", max_gmm_components=3, mgm_update="static",
+        flip_test=True, amp=True, seed=0, workers=4, detections_uri="s3://d/dets.json", det_score_thr=0.5,
+        work_uri="", model_name="cal-pose")
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["input_size"] == "128x96" and run.data.params["method"] == "cal"
     assert run.data.params["epochs_stage1"] == "210" and run.data.tags["kfp.run_id"] == "kfp-1"
+    assert run.data.params["flip_test"] == "true" and run.data.params["detections_uri"] == "s3://d/dets.json"
     assert run.info.run_name == "pipeline nightly"
+    # every pipeline parameter but the experiment (the run's own), under its own name
+    pipeline_parameters = set(client.parameter_types(DEFAULT_OUTPUT))
+    assert set(run.data.params) == pipeline_parameters - {"mlflow_experiment"}

@@ -93,6 +93,8 @@ def check_mlflow(summary: dict, method: str) -> None:
     parent, children = mlflow_runs(summary)
     assert parent.info.status == "FINISHED"
     assert {"AP", "AP50", "AP75", "AR"} <= set(parent.data.metrics)
+    assert parent.data.params["method"] == method  # every pipeline parameter, as the cluster's parent has them
+    assert {"flip_test", "detections_uri", "pretrained_weights", "model_name"} <= set(parent.data.params)
     stages = [run.data.tags.get("cal_pose.stage") for run in children]
     expected = STAGE_RUNS | (CAL_ONLY_RUNS if method == "cal" else set())
     assert set(stages) == expected, f"child runs: {sorted(stages)}"
