@@ -319,10 +319,21 @@ def attach_run(run_id: str, name: str = "pipeline", local_dir: str | Path | None
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str | None = None, run_name: str | None = None,
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-              local_dir: str | Path | None = None) -> Iterator[Tracker]:
-    """Context manager: one run for pipeline stage ``stage``; FAILED/KILLED if the body raises."""
-    tracker = start_run(run_name or stage, experiment, params, {"cal_pose.stage": stage, **(tags or {})},
-                        local_dir)
+              local_dir: str | Path | None = None, resume_run_id: str = "") -> Iterator[Tracker]:
+    """Context manager: one run for pipeline stage ``stage``; FAILED/KILLED if the body raises.
+
+    ``resume_run_id`` continues that run (set back to RUNNING) instead of
+    opening another: a training pod killed mid-run (preempted, out of
+    memory) never ends its run, and its retry would otherwise leave it
+    RUNNING beside a second run holding the rest of the curves.
+    """
+    tracker = attach_run(resume_run_id, run_name or stage, local_dir) if resume_run_id else None
+    if tracker is not None and tracker.online:
+        tracker._call("resume", {"run_id": resume_run_id},
+                      lambda: tracker._client.update_run(resume_run_id, status="RUNNING"))
+    else:  # a new run (also when the old one is gone, e.g. another tracking server)
+        tracker = start_run(run_name or stage, experiment, params, {"cal_pose.stage": stage, **(tags or {})},
+                            local_dir)
     try:
         yield tracker
     except KeyboardInterrupt:

@@ -72,6 +72,7 @@ class Session:
     epoch: int = 0
     epoch_step: int = 0
     step: int = 0
+    mlflow_run_id: str = ""  # the stage's MLflow run, kept in last.pt so a resumed attempt logs to it
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -254,6 +255,7 @@ def _state(s: Session) -> dict[str, Any]:
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
         "config": s.model_config, "code_version": checkpoint.code_version(),
         "world_size": s.ctx.world_size, "train_manifest_sha256": s.shards_sha256,
+        "mlflow_run_id": s.mlflow_run_id,
     }
 
 
@@ -275,6 +277,7 @@ def _restore(s: Session, uri: str) -> None:
     s.scheduler.load_state_dict(state["scheduler"])
     s.scaler.load_state_dict(state["scaler"])
     s.epoch, s.epoch_step, s.step = state["epoch"], state["epoch_step"], state["step"]
+    s.mlflow_run_id = state.get("mlflow_run_id") or ""
     if s.masks is not None and state.get("mgm"):
         s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
     checkpoint.set_rng_state(state["rng"])
@@ -505,11 +508,14 @@ def train(config: TrainConfig) -> str:
         if not ctx.is_main:
             _loop(s, None)
             return _finish(s, None)
-        # stage tag "train-s1"/"train-s2" for every method: the pipeline's training node has one name
+        # stage tag "train-s1"/"train-s2" for every method: the pipeline's training node has one name.
+        # A resumed attempt (a retried pod) continues the run it started, whose params are logged already.
         with tracking.stage_run(f"train-s{config.stage}",
                                 config.experiment, config.run_name or _default_run_name(config),
-                                local_dir=_local_dir(config.out)) as tracker:
-            tracker.log_params(_run_params(s))
+                                local_dir=_local_dir(config.out), resume_run_id=s.mlflow_run_id) as tracker:
+            if not s.mlflow_run_id:
+                tracker.log_params(_run_params(s))
+            s.mlflow_run_id = tracker.run_id or ""
             tracker.set_tags({"cal_pose.method": config.method, "cal_pose.resumed_from": last or ""})
             _loop(s, tracker)
             return _finish(s, tracker)

@@ -333,3 +333,28 @@ def test_stage1_starts_from_pretrained_weights(tiny_shards, tmp_path: Path) -> N
         assert torch.equal(tensor, model.state_dict()[name]), name
     with pytest.raises(ValueError, match="--weights is for stage 1"):
         _config(tiny_shards, tmp_path, stage=2, init="i", gmm="g", weights="w")
+
+
+def test_a_resumed_attempt_continues_its_mlflow_run(tiny_shards, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried pod resumes last.pt and logs to the run it started, not to a second run beside a dead one."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("CAL_POSE_TRACKING", raising=False)
+    monkeypatch.delenv("CAL_POSE_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    settings = {"epochs": 2, "experiment": "resume", "method": "udp"}
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 40 // 8 + 3)  # in epoch 2: 40 samples, batch 8; last.pt is from epoch 1
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(tiny_shards, tmp_path / "run", **settings))
+    first = checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))["mlflow_run_id"]
+    assert MlflowClient(uri).get_run(first).info.status == "KILLED"
+    final = checkpoint.load(train(_config(tiny_shards, tmp_path / "run", resume=True, **settings)))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert [r.info.run_id for r in runs] == [first] == [final["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(first, "loss")]
+    assert steps == sorted(steps) and steps[-1] == final["step"] and len(set(steps)) == len(steps)
