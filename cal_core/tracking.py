@@ -107,6 +107,15 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def tracking_off() -> bool:
+    """True when ``CAL_POSE_TRACKING`` switches MLflow off (tests, air-gapped runs)."""
+    return os.environ.get(TRACKING_SWITCH_ENV, "").lower() in {"off", "0", "false"}
+
+
+class TrackingUnavailableError(RuntimeError):
+    """MLflow is configured but cannot be reached (after bounded retries) where a run must be recorded."""
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -144,7 +153,7 @@ class Tracker:
 
     def _start(self, experiment: str, tags: dict[str, str]) -> None:
         """Create the MLflow run; on any failure fall back to the offline file."""
-        if os.environ.get(TRACKING_SWITCH_ENV, "").lower() in {"off", "0", "false"}:
+        if tracking_off():
             self._offline("start", {"experiment": experiment, "tags": tags}, reason="tracking is off")
             return
         try:
@@ -297,6 +306,26 @@ def start_run(name: str, experiment: str | None = None, params: Mapping[str, Any
     if params:
         tracker.log_params(params)
     return tracker
+
+
+def start_required_run(name: str, experiment: str | None = None, params: Mapping[str, Any] | None = None,
+                       tags: Mapping[str, Any] | None = None, attempts: int = 3, wait_s: float = 5.0) -> str:
+    """Start a run that must be recorded; its id ("" when tracking is off), else :class:`TrackingUnavailableError`.
+
+    For the pipeline's parent run in a cluster: there the offline file would
+    land in a pod that is thrown away, so a wrong tracking URI or an MLflow
+    outage would let hours of training run unrecorded and fail only at the
+    registry. Retries ``attempts`` times, ``wait_s`` doubling in between.
+    """
+    for attempt in range(attempts):
+        tracker = start_run(name, experiment, params, tags)
+        if tracker.run_id or tracking_off():
+            return tracker.run_id or ""
+        if attempt + 1 < attempts:
+            time.sleep(wait_s * 2**attempt)
+    raise TrackingUnavailableError(
+        f"MLflow at {redact_uri(tracking_uri())} is unreachable after {attempts} attempts (see the warning above); "
+        f"fix MLFLOW_TRACKING_URI (the chart's ConfigMap) or set {TRACKING_SWITCH_ENV}=off to run untracked")
 
 
 def attach_run(run_id: str, name: str = "pipeline", local_dir: str | Path | None = None) -> Tracker:

@@ -6,8 +6,9 @@ hands that id on. In a cluster nothing has opened one, so it starts a run
 named after the KFP run (tag ``kfp.run_id``) and returns its id; every stage
 receives it as a parameter. Either way the parent carries every pipeline
 parameter (the same code path, the same names), so parent runs of both
-compare column by column in MLflow. It returns "" when MLflow is
-unreachable (stages then log offline).
+compare column by column in MLflow. When it must open the run and MLflow
+cannot be reached (after bounded retries) the task fails, before any GPU
+time is spent unrecorded; ``CAL_POSE_TRACKING=off`` runs untracked ("").
 """
 
 from kfp import dsl
@@ -39,6 +40,5 @@ def open_pipeline_run(experiment: str, kfp_run_id: str, kfp_run_name: str, coco_
     if existing:
         tracking.attach_run(existing).log_params(params)
         return existing
-    run = tracking.start_run(f"pipeline {kfp_run_name}", experiment, params=params,
-                             tags={"cal_pose.stage": "pipeline", "kfp.run_id": kfp_run_id})
-    return run.run_id or ""
+    return tracking.start_required_run(f"pipeline {kfp_run_name}", experiment, params=params,
+                                       tags={"cal_pose.stage": "pipeline", "kfp.run_id": kfp_run_id})

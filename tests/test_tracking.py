@@ -166,3 +166,24 @@ def test_attach_run_to_an_unknown_id_goes_offline(sqlite_uri: str, tmp_path: Pat
     attached.log_metrics({"AP": 0.5})
     kinds = [json.loads(line)["kind"] for line in attached.offline_path.read_text().splitlines()]
     assert kinds == ["attach", "metrics"]
+
+
+def test_a_required_run_fails_clearly_when_mlflow_is_unreachable(tmp_path, monkeypatch):
+    """The cluster's parent run: an unreachable server is an error after bounded retries, not a silent offline file."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:pw@127.0.0.1:{port}")
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    with pytest.raises(tracking.TrackingUnavailableError, match=rf"127.0.0.1:{port} is unreachable after 2 attempts") \
+            as info:
+        tracking.start_required_run("pipeline x", "exp", attempts=2, wait_s=0.01)
+    assert "pw" not in str(info.value)  # the credentials in the URI are not echoed
+    monkeypatch.setenv(tracking.TRACKING_SWITCH_ENV, "off")
+    assert tracking.start_required_run("pipeline x", "exp", attempts=2, wait_s=0.01) == ""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.start_required_run("pipeline x", "exp", params={"method": "cal"})
