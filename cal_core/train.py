@@ -213,6 +213,17 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> tuple[torch.o
     return optimizer, scheduler
 
 
+def _check_val_shards(uri: str, input_size: tuple[int, int]) -> None:
+    """Refuse validation shards that cannot serve this model now, not after the first epoch has trained."""
+    from cal_core.data.dataset import read_manifest
+    from cal_core.evaluate import ModelInfo, check_compatible
+    from cal_core.skeleton import NUM_KEYPOINTS
+
+    manifest = read_manifest(uri)
+    rows = sum(int(entry["rows"]) for entry in manifest["shards"])
+    check_compatible(ModelInfo("", input_size, NUM_KEYPOINTS, "", "torch"), manifest, uri, rows)
+
+
 def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     """Codec, data, model, optimiser, schedule, AMP and (stage 2) the mask maker for one run."""
     from cal_core.codecs import build_codec, parse_size
@@ -220,6 +231,8 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
 
     manifest, shards_sha256 = _manifest_digest(config.shards)
     input_size = parse_size(manifest["input_size"])
+    if config.val_shards and config.val_every:
+        _check_val_shards(config.val_shards, input_size)
     codec = build_codec(config.method, input_size)
     dataset = ShardDataset(config.shards, codec, train=config.augment, seed=config.seed)
     model, head = _build_model(config, input_size, ctx.device)
@@ -289,11 +302,18 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
 
     The epoch's batches come from (seed, world size) and the shards: a
     mid-epoch resume with another seed or rank count, or on other shards,
-    would train some samples twice and skip others.
+    would train some samples twice and skip others. The optimisation
+    settings must match too: the optimiser and schedule are restored from
+    the checkpoint, so a new ``--lr`` or ``--lr-steps`` would be ignored
+    while ``model.pt`` recorded it (older checkpoints lack some of them).
     """
     saved = state["config"]["train"]
     now = {key: getattr(s.config, key) for key in ("method", "stage", "backbone", "batch_size", "seed")}
     was = {key: saved.get(key) for key in now}
+    optimisation = {"lr": s.config.lr, "lr_steps": list(s.config.lr_steps), "weight_decay": s.config.weight_decay,
+                    "stage2_train": s.config.stage2_train, "mgm_update": s.config.mgm_update}
+    now.update(optimisation)
+    was.update({key: saved.get(key, value) for key, value in optimisation.items()})
     shards = "training shards (manifest sha256)"
     now[shards] = s.shards_sha256
     was[shards] = state.get("train_manifest_sha256", now[shards])  # older checkpoints did not record it
@@ -303,7 +323,8 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
     for key, value in now.items():
         if was[key] != value:
             raise ValueError(f"cannot resume {uri}: it was trained with {key}={was[key]!r}, "
-                             f"this run asks for {value!r}")
+                             f"this run asks for {value!r} (to change it, train into a new --out from "
+                             f"these weights: --weights {uri} in stage 1, --init in stage 2)")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -483,11 +504,11 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
         if finished:
             s.epoch, s.epoch_step = s.epoch + 1, 0
             s.scheduler.step()
-            due = s.config.val_shards and s.config.val_every and (
-                s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
-            if due and s.ctx.is_main:
-                metrics.update(validate(s))
-        _save_last(s)
+        _save_last(s)  # before validating: a failing evaluation must not cost the epoch just trained
+        due = finished and s.config.val_shards and s.config.val_every and (
+            s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
+        if due and s.ctx.is_main:
+            metrics.update(validate(s))
         log.info("epoch %d/%d%s: %s", s.epoch + (0 if finished else 1), s.config.epochs,
                  "" if finished else f" (stopped after batch {s.epoch_step})",
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))

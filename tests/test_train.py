@@ -298,6 +298,11 @@ def test_resume_refuses_another_seed_or_other_shards(tiny_shards, tmp_path: Path
     assert checkpoint.load(str(out / checkpoint.LAST))["epoch_step"] == 2
     with pytest.raises(ValueError, match="trained with seed=0, this run asks for 1"):
         train(_config(tiny_shards, out, epochs=2, resume=True, seed=1))
+    # the optimiser and schedule come back from last.pt: a new lr would be ignored while model.pt recorded it
+    with pytest.raises(ValueError, match=r"trained with lr=0.001, this run asks for 1e-05 .*--weights .*last.pt"):
+        train(_config(tiny_shards, out, epochs=2, resume=True, lr=1e-5))
+    with pytest.raises(ValueError, match=r"trained with lr_steps=\[\], this run asks for \[1\]"):
+        train(_config(tiny_shards, out, epochs=2, resume=True, lr_steps=(1,)))
     other = tmp_path / "other-shards"
     shutil.copytree(tiny_shards["train"], other)
     manifest = json.loads((other / "manifest.json").read_text())
@@ -358,3 +363,21 @@ def test_a_resumed_attempt_continues_its_mlflow_run(tiny_shards, tmp_path: Path,
     assert runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(first, "loss")]
     assert steps == sorted(steps) and steps[-1] == final["step"] and len(set(steps)) == len(steps)
+
+
+def test_unusable_validation_shards_fail_before_training_and_a_failing_validation_keeps_the_epoch(
+        tiny_shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong --val-shards once failed after a whole epoch (on COCO: hours), which was then not saved either."""
+    import cal_core.train as train_module
+
+    with pytest.raises(Exception, match="manifest"):
+        train(_config(tiny_shards, tmp_path / "missing", val_shards=str(tmp_path / "nowhere"), val_every=1))
+    assert not (tmp_path / "missing" / checkpoint.LAST).exists()  # refused before the first step
+
+    def broken(session):
+        raise RuntimeError("CUDA out of memory (simulated) in validation")
+
+    monkeypatch.setattr(train_module, "validate", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(_config(tiny_shards, tmp_path / "run", val_shards=tiny_shards["val"], val_every=1, epochs=2))
+    assert checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))["epoch"] == 1  # the epoch is kept
