@@ -433,14 +433,19 @@ def train_epoch(s: Session, tracker: tracking.Tracker | None) -> dict[str, float
 
 
 def _epoch_metrics(s: Session, totals: dict[str, float], seen: int, seconds: float) -> dict[str, float]:
-    """Loss means, samples seen (all ranks), samples/s and peak memory of one epoch."""
+    """Loss means, samples seen (all ranks), samples/s, peak memory and learning rate of one epoch.
+
+    The lr is logged per epoch too: step metrics come every ``--log-every``
+    steps, which an epoch of fewer steps never reaches.
+    """
     keys = sorted(totals)
     packed = torch.tensor([seen, *[totals[k] for k in keys]], dtype=torch.float64, device=s.ctx.device)
     summed = distributed.all_reduce_sum(packed, s.ctx).tolist()
     count = max(summed[0], 1.0)
     metrics = {k: v / count for k, v in zip(keys, summed[1:], strict=True)}
     metrics.update(samples_seen=summed[0], samples_per_s=summed[0] / max(seconds, 1e-9), epoch_seconds=seconds,
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                   lr=s.optimizer.param_groups[0]["lr"])
     if s.ctx.device.type == "cuda":
         metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(s.ctx.device) / 2**20
     return metrics

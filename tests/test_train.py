@@ -189,6 +189,7 @@ def test_validation_logs_coco_ap_every_epoch(tiny_shards, tmp_path: Path) -> Non
     logged = [e["data"]["values"] for e in events if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
     assert len(logged) == 2
     assert all(0.0 <= m["val_AP"] <= 1.0 and m["samples_seen"] == 40 for m in logged)
+    assert [m["lr"] for m in logged] == [1e-3, 1e-3]  # per epoch: 5 steps never reach --log-every
 
 
 @pytest.mark.timeout(120)
