@@ -479,6 +479,11 @@ def test_the_person_category_is_found_by_name_not_assumed_to_be_id_1(coco_mini: 
     results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
                for a in written["annotations"] if a["num_keypoints"]]
     assert evaluate.coco_keypoint_ap(out / "64x48" / "annotations.json", results)["AP"] == pytest.approx(1.0)
+    dets = tmp_path / "dets.json"  # a COCO detector's results: person is its category 1, the file's car
+    _write_json(dets, [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in people])
+    with pytest.raises(downsample.DownsampleError, match=r"no person instance kept.*'other_category': "):
+        downsample.downsample(str(root), "val", str(tmp_path / "dets"), ["64x48"], detections=str(dets), workers=1,
+                              progress=False)
     _write_json(path, {**gt, "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bicycle"}]})
     with pytest.raises(coco.AnnotationFileError, match="cannot tell which category is the person.*1: 'car'"):
         downsample.downsample(str(root), "val", str(tmp_path / "none"), ["64x48"], workers=1, progress=False)

@@ -365,6 +365,7 @@ def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, 
         det = detections[i]
         image_id = _int_id(det.get("image_id"))
         if "category_id" in det and _int_id(det["category_id"]) != person:
+            plan.excluded["other_category"] += 1  # e.g. a COCO detector's person id 1 on a file where person is 3
             continue
         if image_id is None or not math.isfinite(_score(det)):
             plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD))
