@@ -239,7 +239,6 @@ class Collected:
     keypoints: np.ndarray  # (N, K, 2) image px
     scores: np.ndarray  # (N, K)
     box_scores: np.ndarray  # (N,)
-    areas: np.ndarray  # (N,)
     bboxes: np.ndarray  # (N, 4)
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # (crop, kpts, scores, gt) input px
 
@@ -346,6 +345,14 @@ def check_compatible(info: ModelInfo, manifest: dict[str, Any], shards_uri: str,
         raise ValueError(f"shard set {shards_uri} has no person instances to evaluate")
 
 
+def check_shard_set(info: ModelInfo, shards_uri: str) -> None:
+    """:func:`check_compatible` against the manifest of ``shards_uri`` (read here; a clear error if unreadable)."""
+    from cal_core.data.dataset import read_manifest
+
+    manifest = read_manifest(shards_uri)
+    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
+
+
 def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, codec: Any,
                    room: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Up to ``room`` (crop uint8 HWC, keypoints, scores, GT (K, 3)) tuples, all in input px."""
@@ -375,7 +382,7 @@ def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64
     fork_safe_opencv(workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
-                                                           "box_scores", "areas", "bboxes")}
+                                                           "box_scores", "bboxes")}
     shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
         kpts, scores = predictor(batch)
@@ -384,9 +391,15 @@ def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64
         parts["keypoints"].append(to_image_coords(kpts, meta["input_to_image"].numpy()))
         parts["scores"].append(np.asarray(scores, np.float64))
         for key, name in (("image_ids", "image_id"), ("ann_ids", "ann_id"), ("box_scores", "score"),
-                          ("areas", "area"), ("bboxes", "bbox")):
+                          ("bboxes", "bbox")):
             parts[key].append(np.asarray(meta[name]))
     return Collected(**{k: np.concatenate(v) for k, v in parts.items()}, overlays=shown)
+
+
+def protocol_results(got: Collected, input_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """The COCO results every evaluation scores: rescored instances, OKS-NMS (:data:`OKS_NMS_THR`) per image."""
+    return coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
+                        nms_areas(got.bboxes, input_size), OKS_NMS_THR)
 
 
 def val_digest(gt_bytes: bytes, collected: Collected) -> str:
@@ -406,17 +419,15 @@ def val_digest(gt_bytes: bytes, collected: Collected) -> str:
 def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = True, device: Any = None,
                    batch_size: int = 64) -> dict[str, float]:
     """COCO keypoint AP/AR of an in-memory torch model on a shard set (train.py's validation)."""
-    from cal_core.data.dataset import ShardDataset, read_manifest
+    from cal_core.data.dataset import ShardDataset
     from cal_core.storage import join, read_bytes
 
-    manifest = read_manifest(shards_uri)
     info = ModelInfo("", codec.input_size, int(getattr(model, "arch", {}).get("num_joints", NUM_KEYPOINTS)), "",
                      "torch")
-    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
+    check_shard_set(info, shards_uri)
     dataset = ShardDataset(shards_uri, codec, train=False)
     got = collect(torch_predictor(model, codec, flip, device), dataset, codec, batch_size)
-    results = coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
-                           nms_areas(got.bboxes, codec.input_size), OKS_NMS_THR)
+    results = protocol_results(got, codec.input_size)
     gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
     return coco_keypoint_ap(gt, results)
 
@@ -476,20 +487,18 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
 def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, detections_uri: str | None = None,
              batch_size: int = 64, workers: int = 0, tracker: Any = None) -> dict[str, Any]:
     """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
-    from cal_core.data.dataset import ShardDataset, read_manifest
+    from cal_core.data.dataset import ShardDataset
     from cal_core.storage import join, read_bytes
 
     predictor, info, codec = load_predictor(model_uri, flip)
-    manifest = read_manifest(shards_uri)
-    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
+    check_shard_set(info, shards_uri)
     dataset = ShardDataset(shards_uri, codec, train=False)
     gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
     gt = json.loads(gt_bytes)
     got = collect(predictor, dataset, codec, batch_size, workers, overlays=OVERLAYS)
     if detections_uri:
         check_detections(json.loads(read_bytes(detections_uri)), gt, dataset.manifest, got, detections_uri)
-    results = coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
-                           nms_areas(got.bboxes, codec.input_size), OKS_NMS_THR)
+    results = protocol_results(got, codec.input_size)
     evaluator = run_cocoeval(gt, results)
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
     details = match_details(evaluator)

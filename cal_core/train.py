@@ -213,17 +213,6 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> tuple[torch.o
     return optimizer, scheduler
 
 
-def _check_val_shards(uri: str, input_size: tuple[int, int]) -> None:
-    """Refuse validation shards that cannot serve this model now, not after the first epoch has trained."""
-    from cal_core.data.dataset import read_manifest
-    from cal_core.evaluate import ModelInfo, check_compatible
-    from cal_core.skeleton import NUM_KEYPOINTS
-
-    manifest = read_manifest(uri)
-    rows = sum(int(entry["rows"]) for entry in manifest["shards"])
-    check_compatible(ModelInfo("", input_size, NUM_KEYPOINTS, "", "torch"), manifest, uri, rows)
-
-
 def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     """Codec, data, model, optimiser, schedule, AMP and (stage 2) the mask maker for one run."""
     from cal_core.codecs import build_codec, parse_size
@@ -231,8 +220,11 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
 
     manifest, shards_sha256 = _manifest_digest(config.shards)
     input_size = parse_size(manifest["input_size"])
-    if config.val_shards and config.val_every:
-        _check_val_shards(config.val_shards, input_size)
+    if config.val_shards and config.val_every:  # refused now, not after the first epoch has trained
+        from cal_core.evaluate import ModelInfo, check_shard_set
+        from cal_core.skeleton import NUM_KEYPOINTS
+
+        check_shard_set(ModelInfo("", input_size, NUM_KEYPOINTS, "", "torch"), config.val_shards)
     codec = build_codec(config.method, input_size)
     dataset = ShardDataset(config.shards, codec, train=config.augment, seed=config.seed)
     model, head = _build_model(config, input_size, ctx.device)

@@ -183,7 +183,8 @@ def test_oracle_predictions_score_about_100(val_shards: Path) -> None:
 
     codec = build_codec("udp", (64, 48))
     got = evaluate.collect(_oracle(codec), ShardDataset(str(val_shards), codec, train=False), codec)
-    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas)
+    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
+                                     evaluate.nms_areas(got.bboxes, codec.input_size))
     metrics = evaluate.coco_keypoint_ap(val_shards / "annotations.json", results)
     # Not exactly 1: a few labelled joints lie outside the padded box (the input), where no target exists.
     assert metrics["AP"] >= 0.95, metrics
@@ -235,7 +236,8 @@ def test_shifted_oracle_through_collect_matches_direct_pycocotools(val_shards: P
 
     codec = build_codec("cal", (64, 48))
     got = evaluate.collect(_oracle(codec, shift=1.5), ShardDataset(str(val_shards), codec, train=False), codec)
-    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores, got.areas)
+    results = evaluate.coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
+                                     evaluate.nms_areas(got.bboxes, codec.input_size))
     (tmp_path / "results.json").write_text(json.dumps(results))
     metrics = evaluate.coco_keypoint_ap(val_shards / "annotations.json", results)
     direct = _direct_pycocotools(val_shards / "annotations.json", tmp_path / "results.json")
@@ -274,7 +276,7 @@ def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
     manifest = json.loads((val_shards / "manifest.json").read_text())
     image_id = gt["images"][0]["id"]
     collected = evaluate.Collected(np.array([image_id]), np.array([-1]), np.zeros((1, 17, 2)), np.ones((1, 17)),
-                                   np.ones(1), np.ones(1), np.ones((1, 4)), [])
+                                   np.ones(1), np.ones((1, 4)), [])
     det = {"image_id": image_id, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}
     evaluate.check_detections([det], gt, manifest, collected, "dets.json")
     with pytest.raises(ValueError, match="not in the val set .*424242"):
