@@ -531,7 +531,7 @@ def train(config: TrainConfig) -> str:
         with tracking.stage_run(f"train-s{config.stage}",
                                 config.experiment, config.run_name or _default_run_name(config),
                                 local_dir=_local_dir(config.out), resume_run_id=s.mlflow_run_id) as tracker:
-            if not s.mlflow_run_id:
+            if not s.mlflow_run_id or tracker.run_id != s.mlflow_run_id:  # a new run (none, or not reattached)
                 tracker.log_params(_run_params(s))
             s.mlflow_run_id = tracker.run_id or ""
             tracker.set_tags({"cal_pose.method": config.method, "cal_pose.resumed_from": last or ""})

@@ -382,3 +382,23 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     with pytest.raises(RuntimeError, match="simulated"):
         train(_config(tiny_shards, tmp_path / "run", val_shards=tiny_shards["val"], val_every=1, epochs=2))
     assert checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))["epoch"] == 1  # the epoch is kept
+
+
+def test_a_resume_that_cannot_reattach_its_run_logs_params_on_the_new_one(tiny_shards, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """last.pt names a run another tracking server holds: the resumed attempt opens a run with full params."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("CAL_POSE_TRACKING", raising=False)
+    monkeypatch.delenv("CAL_POSE_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
+    settings = {"epochs": 2, "experiment": "moved", "method": "udp"}
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 40 // 8 + 3)
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(tiny_shards, tmp_path / "run", **settings))
+    uri = f"sqlite:///{tmp_path / 'second.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    final = checkpoint.load(train(_config(tiny_shards, tmp_path / "run", resume=True, **settings)))
+    run = MlflowClient(uri).get_run(final["run_id"])
+    assert run.data.params["method"] == "udp" and run.info.status == "FINISHED"
