@@ -314,11 +314,11 @@ def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, 
     return images
 
 
-def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPlan) -> dict[int, list]:
-    """Kept GT people per image id (sorted by ann id); skips and exclusions recorded in ``plan``."""
+def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPlan,
+                   person: int) -> dict[int, list]:
+    """Kept GT people (category ``person``) per image id (sorted by ann id); skips and exclusions in ``plan``."""
     per_image: dict[int, list[Instance]] = {}
     seen: set[int] = set()
-    person = person_category_id(coco)
     for ann in sorted(coco["annotations"], key=_ann_sort_key):
         if not isinstance(ann, dict):
             plan.skipped.append(Skip(-1, -1, "", BAD_RECORD))
@@ -408,13 +408,14 @@ def plan_split(
         raise ValueError("detections are a box source for the val split only")
     plan = SplitPlan(tasks=[])
     images = _images(coco, plan)
+    person = person_category_id(coco)
     if detections is None:
-        per_image = _gt_candidates(coco, split, images, plan)
+        per_image = _gt_candidates(coco, split, images, plan, person)
     else:  # the GT still goes to annotations.json for pycocotools: its broken records are skipped too
         gt_check = SplitPlan(tasks=[])
-        _gt_candidates(coco, split, images, gt_check)
+        _gt_candidates(coco, split, images, gt_check, person)
         plan.skipped += gt_check.skipped
-        per_image = _det_candidates(detections, det_score_thr, images, plan, person_category_id(coco))
+        per_image = _det_candidates(detections, det_score_thr, images, plan, person)
     for image_id in sorted(per_image):
         _, name, width, height = images[image_id]
         plan.tasks.append(ImageTask(image_id, name, width, height, tuple(per_image[image_id])))

@@ -486,9 +486,9 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     header = {size: _header(size, split, margin, source, settings) for size in sizes}
     outputs = [Output(size, storage.join(out, shards.size_name(size)), []) for size in sizes]
     prevs = [_previous(o.uri, header[o.size]) for o in outputs]
-    replaced = sorted({f for p in prevs for f in _images_replaced(p.skipped, source["images"])})
+    replaced = _images_replaced([s for p in prevs for s in p.skipped], source["images"])  # each file read once
     if replaced:
-        log.info("images skipped before are now there or replaced (%s): recomputing", ", ".join(replaced[:5]))
+        log.info("images skipped before are now there or replaced (%s): recomputing", ", ".join(sorted(replaced)[:5]))
         prevs = [_Previous([], None, [], False) for _ in prevs]
     if all(_is_done(o, p) for o, p in zip(outputs, prevs, strict=True)):
         log.info("%s: all shards already complete for %s", out, ", ".join(map(shards.size_name, sizes)))
