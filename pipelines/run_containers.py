@@ -97,7 +97,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     local.init(runner=runner, pipeline_root=str(setup.run_dir / "artifacts"), raise_on_error=True)
     tags = {"runner": "kfp.local.DockerRunner", "data": setup.coco, "images": f"{images.registry()}/<stage>:{images.tag()}"}
     with container_runner.use_container_runner(mounts(setup.coco, setup.runs, uri), PASS_ENV) as failures, \
-            tracking.pipeline_run(setup.run_id, args.experiment, params=setup.arguments, tags=tags,
+            tracking.pipeline_run(setup.run_id, args.experiment, tags=tags,  # params: the DAG's first task
                                   local_dir=setup.run_dir) as parent:
         try:
             decision = cal_pipeline(**setup.arguments).output
