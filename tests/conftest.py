@@ -1,4 +1,4 @@
-"""Shared fixtures: the real COCO sample, an isolated MLflow store, small synthetic shard sets."""
+"""Shared fixtures: the real COCO sample and an isolated MLflow store."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ COCO_MINI = SHARED / "data" / "coco-mini"
 
 @pytest.fixture(scope="session")
 def coco_mini() -> Path:
-    """The read-only real COCO slice in ../shared/data/coco-mini (skip when absent)."""
-    if not (COCO_MINI / "annotations" / "person_keypoints_val2017.json").is_file():
-        pytest.skip(f"real COCO sample not found at {COCO_MINI} (set CAL_POSE_SHARED to the shared/ folder)")
+    """The read-only real COCO slice in ../shared/data/coco-mini (skip, naming what is missing, when incomplete).
+
+    Both splits' annotations and image folders are checked: a partial copy
+    would otherwise fail tests with unrelated-looking ``FileNotFoundError``s.
+    """
+    needed = [COCO_MINI / "annotations" / f"person_keypoints_{split}2017.json" for split in ("train", "val")]
+    needed += [COCO_MINI / f"{split}2017" for split in ("train", "val")]
+    missing = [str(path) for path in needed if not path.exists()]
+    if missing:
+        pytest.skip(f"real COCO sample incomplete at {COCO_MINI}: missing {', '.join(missing)} "
+                    "(set CAL_POSE_SHARED to the shared/ folder)")
     return COCO_MINI
 
 
@@ -38,20 +46,3 @@ def isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(scope="session")
-def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny synthetic COCO set downsampled to shards: ``{"coco", "train", "val"}`` folders.
-
-    40 train / 20 val people; train at 64x48 and 128x96, val at 64x48, laid out
-    as ``<split>/<HxW>/{manifest.json, annotations.json, shard-*.parquet}``.
-    """
-    from cal_core.data import synthetic
-    from cal_core.data.downsample import downsample
-
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(root / "coco", 40, 20, seed=0)
-    downsample(str(root / "coco"), "train", str(root / "shards" / "train"), ["64x48", "128x96"], workers=1, progress=False)
-    downsample(str(root / "coco"), "val", str(root / "shards" / "val"), ["64x48"], workers=1, progress=False)
-    return {"coco": root / "coco", "train": root / "shards" / "train", "val": root / "shards" / "val"}

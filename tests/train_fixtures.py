@@ -1,4 +1,4 @@
-"""Tiny synthetic shard sets for the training tests (the lead may move this to a conftest fixture)."""
+"""Tiny synthetic shard sets for the training and DDP tests (built once per module that uses them)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def build_tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     root = tmp_path_factory.mktemp("tiny-shards")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAL_POSE_TRACKING", "off")
+        patch.chdir(root)  # the offline tracking file goes to ./runs/offline: keep it out of the checkout
         assert cli(["synth", "--out", str(root / "coco"), "--train", "40", "--val", "12", "--seed", "5"]) == 0
         for split in ("train", "val"):
             assert cli(["downsample", "--coco", str(root / "coco"), "--split", split, "--out", str(root / split),
