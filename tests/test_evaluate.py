@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +14,7 @@ from cal_core import evaluate
 from cal_core.codecs import build_codec
 from cal_core.data.dataset import add_targets
 from cal_core.skeleton import NUM_KEYPOINTS, OKS_SIGMAS
+from tests.coco_reference import direct_pycocotools
 
 
 def _val_gt(coco_mini: Path) -> dict:
@@ -37,21 +36,6 @@ def _gt_results(gt: dict, shift: tuple[float, float] = (0.0, 0.0)) -> list[dict]
     return out
 
 
-def _direct_pycocotools(gt_path: Path, results_path: Path) -> np.ndarray:
-    """The stats pycocotools prints for a results file, computed without cal_core."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-        dt = gt.loadRes(str(results_path))
-        ev = COCOeval(gt, dt, "keypoints")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev.stats
-
-
 def test_ground_truth_as_results_scores_one(coco_mini: Path) -> None:
     metrics = evaluate.coco_keypoint_ap(_val_gt(coco_mini), _gt_results(_val_gt(coco_mini)))
     assert set(metrics) == set(evaluate.METRIC_NAMES)
@@ -64,7 +48,7 @@ def test_shifted_results_match_direct_pycocotools(coco_mini: Path, tmp_path: Pat
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     metrics = evaluate.coco_keypoint_ap(gt_path, json.loads(path.read_text()))
-    direct = _direct_pycocotools(gt_path, path)
+    direct = direct_pycocotools(gt_path, path)
     assert [metrics[name] for name in evaluate.METRIC_NAMES] == direct.tolist()
     assert 0.0 < metrics["AP"] < 1.0
 
@@ -220,7 +204,7 @@ def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, ti
     out = tmp_path / "eval"
     assert evaluate.run(_args(tiny_checkpoint, val_shards, out)) == 0
     doc = json.loads((out / "metrics.json").read_text())
-    direct = _direct_pycocotools(val_shards / "annotations.json", out / "results.json")
+    direct = direct_pycocotools(val_shards / "annotations.json", out / "results.json")
     assert [doc["metrics"][n] for n in evaluate.METRIC_NAMES] == direct.tolist()
     assert doc["input_size"] == "64x48" and doc["method"] == "udp" and len(doc["val_digest"]) == 64
     assert doc["oks_nms"] == evaluate.OKS_NMS_THR  # GT boxes too, as HRNet and mmpose evaluate
@@ -240,7 +224,7 @@ def test_shifted_oracle_through_collect_matches_direct_pycocotools(val_shards: P
                                      evaluate.nms_areas(got.bboxes, codec.input_size))
     (tmp_path / "results.json").write_text(json.dumps(results))
     metrics = evaluate.coco_keypoint_ap(val_shards / "annotations.json", results)
-    direct = _direct_pycocotools(val_shards / "annotations.json", tmp_path / "results.json")
+    direct = direct_pycocotools(val_shards / "annotations.json", tmp_path / "results.json")
     assert [metrics[n] for n in evaluate.METRIC_NAMES] == direct.tolist()
     assert metrics["AP"] < 0.95  # 1.5 input px at 64x48 is several image px: OKS drops
 

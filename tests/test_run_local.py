@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.coco_reference import direct_pycocotools
+
 ROOT = Path(__file__).resolve().parents[1]
 #: A small, fast run: a few hundred people, a few epochs of the tiny net.
 SMALL = ["--people", "300", "--val-people", "60", "--epochs", "3", "--epochs-stage2", "1", "--workers", "1"]
@@ -62,17 +64,15 @@ def check_artifacts(summary: dict, method: str) -> Path:
 
 
 def check_pycocotools_ap(evaluation: Path, summary: dict) -> None:
-    """COCOeval on the evaluation's ground truth and results gives the AP the run reported."""
-    from cal_core.evaluate import coco_keypoint_ap
-
+    """COCOeval, called directly on the evaluation's ground truth and results file, gives the AP the run reported."""
     doc = json.loads((evaluation / "metrics.json").read_text())
     results = json.loads((evaluation / "results.json").read_text())
     assert len(results) == doc["counts"]["results"] > 0, "no keypoint results were scored"
     val_manifests = [m for m in Path(summary["artifacts"]).glob("downsample*/shards/64x48/manifest.json")
                      if json.loads(m.read_text())["split"] == "val"]
     gt = val_manifests[0].with_name("annotations.json")
-    recomputed = coco_keypoint_ap(str(gt), results)
-    assert recomputed["AP"] == pytest.approx(doc["metrics"]["AP"], abs=1e-9)
+    recomputed = direct_pycocotools(gt, evaluation / "results.json")
+    assert recomputed[0] == pytest.approx(doc["metrics"]["AP"], abs=1e-9)
     assert summary["metrics"]["AP"] == doc["metrics"]["AP"]
     assert 0.0 <= doc["metrics"]["AP"] <= 1.0
 
@@ -110,8 +110,18 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def test_cal_pipeline_on_synthetic_people(runs_dir):
-    summary = run_local(runs_dir, *SMALL, "--run-id", "cal-synthetic")
+@pytest.fixture(scope="module")
+def synthetic_run(runs_dir) -> dict:
+    """The first pipeline run into ``runs_dir`` (synthetic people, CAL): its summary.json.
+
+    A fixture, not a test's side effect, so the coco-mini test that compares
+    against it also runs alone (``-k``, ``--lf``) or in any order.
+    """
+    return run_local(runs_dir, *SMALL, "--run-id", "cal-synthetic")
+
+
+def test_cal_pipeline_on_synthetic_people(runs_dir, synthetic_run):
+    summary = synthetic_run
     assert summary["tracking_uri"] == f"sqlite:///{runs_dir / 'mlflow.db'}"
     evaluation = check_artifacts(summary, "cal")
     check_pycocotools_ap(evaluation, summary)
@@ -119,8 +129,8 @@ def test_cal_pipeline_on_synthetic_people(runs_dir):
     assert summary["registry"].startswith("champion: cal-pose v1")
 
 
-def test_coco_mini_run_is_a_comparable_second_run(runs_dir, coco_mini):
-    first = json.loads((runs_dir / "cal-synthetic" / "summary.json").read_text())
+def test_coco_mini_run_is_a_comparable_second_run(runs_dir, coco_mini, synthetic_run):
+    first = synthetic_run
     summary = run_local(runs_dir, "--coco", str(coco_mini), "--epochs", "3", "--epochs-stage2", "1",
                         "--workers", "1", "--run-id", "cal-coco-mini")
     assert summary["data"] == str(coco_mini)
