@@ -51,7 +51,10 @@ def test_skip_resumes_inside_an_epoch() -> None:
 
 def test_device_choice() -> None:
     assert pick_device("cpu", 0) == torch.device("cpu")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():  # each rank on its own GPU
+        assert pick_device("auto", 0) == torch.device("cuda:0") and pick_device("cuda", 0) == torch.device("cuda:0")
+        assert pick_device("cuda:0", 3) == torch.device("cuda:0")
+    else:
         assert pick_device("auto", 0) == torch.device("cpu")
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             pick_device("cuda", 0)

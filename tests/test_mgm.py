@@ -237,6 +237,15 @@ def test_batch_masks_end_to_end():
     masks, fitted = mgm.batch_masks(heat, joints, weights, mgm.default_params(), radius=4)
     assert masks.shape == (n, k, h, w) and torch.isfinite(masks).all()
     assert 0.5 < fitted.means[0, 0].item() < 1.5 and abs(fitted.means[0, 1].item()) < 0.5
+    # The masks are the refitted mixture's (Eq. 13), not the warm start's: each peaks about one pixel
+    # right of its joint, where the mixture's mean now is, and is zero outside the radius-4 disk.
+    assert torch.equal(masks, mgm.place_masks(fitted, joints, (h, w), 4))
+    flat = masks.flatten(2).argmax(-1)
+    peak = torch.stack([flat % w, flat // w], -1).float()
+    assert ((peak - joints - fitted.means[0]).abs() <= 1.0).all()
+    assert (peak[..., 0] > joints[..., 0]).float().mean() > 0.9
+    far = (xs.view(1, 1, 1, w) - joints[..., 0, None, None]) ** 2 + (ys.view(1, 1, h, 1) - joints[..., 1, None, None]) ** 2 > 16
+    assert (masks[far] == 0).all()
 
 
 def test_stage2_refuses_a_mixture_fitted_at_another_heatmap_size(tmp_path):
