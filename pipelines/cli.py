@@ -7,6 +7,7 @@ compiled ``pipelines/cal_pipeline.yaml``; pipeline arguments are given as
 """
 
 import argparse
+import secrets
 from datetime import UTC, datetime
 
 from pipelines import client, compile, run_local
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = sub.add_parser("submit", help="start one run on a Kubeflow Pipelines server")
     _add_remote(submit)
     submit.add_argument("--run-name", default=None,
-                        help="name of the run (default cal-pose-<UTC time>: it also names the MLflow parent run)")
+                        help="name of the run (default cal-pose-<UTC time>-<4 hex>: it also names the MLflow parent run)")
     submit.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
     upload = sub.add_parser("upload", help="upload the pipeline (or a new version of it) to the KFP UI")
     _add_remote(upload, runs=False)
@@ -49,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     schedule.add_argument("--replace", action="store_true", help="delete recurring runs of the same name first")
 
 
+def default_run_name() -> str:
+    """``cal-pose-<UTC time>-<4 hex>``: distinct even for submits within one second (it names the MLflow parent run)."""
+    return f"cal-pose-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen subcommand."""
     if args.action == "compile":
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     arguments = client.parse_arguments(args.param, args.package)
     if args.action == "submit":
-        run_name = args.run_name or f"cal-pose-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        run_name = args.run_name or default_run_name()
         run_id = client.submit(kfp_client, arguments, run_name, args.experiment, args.package,
                                enable_caching=False if args.no_cache else None)
         print(f"submitted run {run_id}")

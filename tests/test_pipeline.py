@@ -209,7 +209,8 @@ def test_submitted_runs_get_distinct_default_names(monkeypatch: pytest.MonkeyPat
     cli.add_arguments(parser)
     assert cli.run(parser.parse_args(["submit", "--host", "http://kfp"])) == 0
     assert cli.run(parser.parse_args(["submit", "--host", "http://kfp", "--run-name", "nightly"])) == 0
-    assert names[0].startswith("cal-pose-20") and names[1] == "nightly"
+    assert re.fullmatch(r"cal-pose-20\d{6}-\d{6}-[0-9a-f]{4}", names[0]) and names[1] == "nightly"
+    assert len({cli.default_run_name() for _ in range(50)}) == 50  # within one second, too
 
 
 class FakeClient:
