@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--models", default="tiny,hrnet_w18_small,hrnet_w32",
                         help="comma-separated backbones to run (default: all three)")
+    parser.add_argument("--tag", default="", help="results file name suffix: train_step-<tag>.json (e.g. h100), "
+                        "so a GPU run does not overwrite the CPU results")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup, args.iters = 1, 2
     rows = [_spawn(case, args) for case in cases]
     print_table(rows, COLUMNS)
-    path = write_results("train_step", rows, extra={"quick": args.quick, "batch": args.batch,
+    path = write_results(f"train_step-{args.tag}" if args.tag else "train_step", rows, extra={"quick": args.quick, "batch": args.batch,
                                                     "threads": args.threads, "warmup": args.warmup})
     print(f"wrote {path}")
     return 0
