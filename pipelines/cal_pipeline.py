@@ -6,7 +6,8 @@ pipeline must run locally (``make run``) and in a cluster. For methods other
 than ``cal`` the fit-GMM and stage-2 tasks pass through (see components/).
 
 Cluster settings live on the tasks and are ignored by kfp.local: GPU
-(``nvidia.com/gpu``) and memory requests, an in-memory ``/dev/shm`` for the
+(``nvidia.com/gpu``, with optional tolerations and node selector) and memory
+requests, a deadline per task attempt, an in-memory ``/dev/shm`` for the
 tasks whose DataLoader workers pass batches through shared memory (a pod's
 default is 64 MiB), retries for training (which resumes), caching for
 downsampling, image pull Secrets, and the environment from Kubernetes: S3 and
@@ -17,7 +18,9 @@ Job sets them from its values).
 """
 
 
+import json
 import os
+from typing import Any
 
 from kfp import dsl, kubernetes
 
@@ -38,6 +41,8 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "A
 MLFLOW_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
 CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}
+#: ConfigMap keys a task reads when present (a ConfigMap made by hand may lack them): the S3 signing region.
+OPTIONAL_CONFIG_KEYS = {"AWS_REGION": "AWS_REGION"}
 #: Accelerator resource of the GPU stages; "none" compiles a CPU-only pipeline (with CPU-only images).
 ACCELERATOR = os.environ.get("CAL_POSE_ACCELERATOR", "nvidia.com/gpu")
 #: Comma-separated docker-registry Secret names every task pulls its image with (empty: none).
@@ -46,29 +51,72 @@ IMAGE_PULL_SECRETS = [n.strip() for n in os.environ.get("CAL_POSE_IMAGE_PULL_SEC
 TRAIN_RETRIES = 3
 
 
+def _json_setting(name: str, default: str, kind: type) -> Any:
+    """A compile-time setting given as JSON in the environment variable ``name``; a clear error if malformed."""
+    text = os.environ.get(name, "").strip() or default
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} must be JSON ({kind.__name__}), got {text!r}: {exc}") from exc
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {kind.__name__}, got {text!r}")
+    return value
+
+
+#: Tolerations of the GPU tasks (JSON list of Kubernetes tolerations), e.g. for GPU nodes tainted
+#: ``nvidia.com/gpu:NoSchedule`` on clusters without the ExtendedResourceToleration admission plugin.
+GPU_TOLERATIONS = _json_setting("CAL_POSE_GPU_TOLERATIONS", "[]", list)
+#: Node labels the GPU tasks must run on (JSON object), e.g. ``{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}``.
+GPU_NODE_SELECTOR = _json_setting("CAL_POSE_GPU_NODE_SELECTOR", "{}", dict)
+#: Seconds one attempt of a training task may run before Kubernetes stops it (a retry resumes from
+#: ``last.pt``), and of any other task (0: no limit). A hung loader or S3 stall then frees the GPU and
+#: the schedule, whose runs otherwise queue behind it (maxConcurrency).
+TRAIN_TIMEOUT_S = int(os.environ.get("CAL_POSE_TRAIN_TIMEOUT_S", str(72 * 3600)))
+TASK_TIMEOUT_S = int(os.environ.get("CAL_POSE_TASK_TIMEOUT_S", str(12 * 3600)))
+_TOLERATION_FIELDS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
+                      "tolerationSeconds": "toleration_seconds"}
+
+
 def _environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Endpoints from the ConfigMap, S3 keys from their Secret, optional MLflow login from its Secret."""
+    """Endpoints (and S3 region) from the ConfigMap, S3 keys from their Secret, optional MLflow login from its Secret."""
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_KEYS)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, OPTIONAL_CONFIG_KEYS, optional=True)
     kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS)
     kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS, optional=True)
     return task
 
 
-def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False,
-               shm: str = "") -> dsl.PipelineTask:
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False, shm: str = "",
+               timeout_s: int = TASK_TIMEOUT_S) -> dsl.PipelineTask:
     """CPU/memory requests (memory also as limit), one accelerator for GPU stages, ``/dev/shm`` of ``shm``.
 
     The shared memory counts against the memory limit (emptyDir ``Memory``).
+    GPU stages also get the GPU tolerations and node selector; every task a
+    deadline of ``timeout_s`` per attempt (0: none).
     """
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     if gpu and ACCELERATOR != "none":
         task.set_accelerator_type(ACCELERATOR).set_accelerator_limit(1)
+        _gpu_placement(task)
+    if timeout_s > 0:
+        kubernetes.set_timeout(task, timeout_s)
     if shm:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=shm)
     if IMAGE_PULL_SECRETS:
         kubernetes.set_image_pull_secrets(task, IMAGE_PULL_SECRETS)
     return _environment(task)
+
+
+def _gpu_placement(task: dsl.PipelineTask) -> None:
+    """The GPU tasks' tolerations and node selector (``CAL_POSE_GPU_TOLERATIONS`` / ``_NODE_SELECTOR``)."""
+    for toleration in GPU_TOLERATIONS:
+        unknown = set(toleration) - set(_TOLERATION_FIELDS) if isinstance(toleration, dict) else {"(not an object)"}
+        if unknown:
+            raise ValueError(f"CAL_POSE_GPU_TOLERATIONS: {toleration!r} has unknown fields {sorted(unknown)}")
+        kubernetes.add_toleration(task, **{_TOLERATION_FIELDS[k]: v for k, v in toleration.items()})
+    for label, value in GPU_NODE_SELECTOR.items():
+        kubernetes.add_node_selector(task, label, str(value))
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Low-resolution human pose estimation with Confidence-Aware "
@@ -153,7 +201,8 @@ def cal_pipeline(
                 "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
     stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps,
                           pretrained_weights=pretrained_weights, **training)
-    _resources(stage1, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage1")
+    _resources(stage1, "8", "32Gi", gpu=True, shm="4Gi", timeout_s=TRAIN_TIMEOUT_S).set_retry(TRAIN_RETRIES)
+    stage1.set_display_name("train-stage1")
 
     gmm = fit_gmm(checkpoint=stage1.outputs["model"], shards=shards["train"], input_size=input_size, method=method,
                   components=gmm_components, max_components=max_gmm_components, **tracking)
@@ -161,7 +210,8 @@ def cal_pipeline(
 
     stage2 = train_stage2(shards=shards["train"], init=stage1.outputs["model"], gmm=gmm.outputs["gmm"],
                           epochs=epochs_stage2, lr=lr_stage2, mgm_update=mgm_update, **training)
-    _resources(stage2, "8", "32Gi", gpu=True, shm="4Gi").set_retry(TRAIN_RETRIES).set_display_name("train-stage2")
+    _resources(stage2, "8", "32Gi", gpu=True, shm="4Gi", timeout_s=TRAIN_TIMEOUT_S).set_retry(TRAIN_RETRIES)
+    stage2.set_display_name("train-stage2")
 
     exported = export_onnx(checkpoint=stage2.outputs["model"], shards=shards["val"], input_size=input_size,
                            flip_test=flip_test, **tracking)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import client
+from pipelines import cal_pipeline, client
 from pipelines.compile import DEFAULT_OUTPUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,39 @@ def test_cpu_only_and_pull_secrets_are_compile_time_settings(tmp_path):
     for config in platform.values():
         assert [s["secretName"] for s in config["imagePullSecret"]] == ["regcred", "other"]
     assert not [c for c in _platform().values() if "imagePullSecret" in c]
+
+
+def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, spec):
+    """Every attempt has a deadline (training's longer); GPU tasks alone get the tolerations and node labels."""
+    labels = {name: spec["components"][task["componentRef"]["name"]]["executorLabel"]
+              for name, task in _tasks(spec).items()}
+    default = _platform()
+    for name, label in labels.items():
+        want = cal_pipeline.TRAIN_TIMEOUT_S if name in TRAINING else cal_pipeline.TASK_TIMEOUT_S
+        assert int(default[label]["activeDeadlineSeconds"]) == want > 0, name
+        assert "tolerations" not in default[label] and "nodeSelector" not in default[label], name
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    custom = list(yaml.safe_load_all(_compile(
+        tmp_path, CAL_POSE_GPU_TOLERATIONS=json.dumps([toleration]), CAL_POSE_GPU_NODE_SELECTOR='{"pool": "h100"}',
+        CAL_POSE_TRAIN_TIMEOUT_S="7200", CAL_POSE_TASK_TIMEOUT_S="0").read_text()))
+    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, label in labels.items():
+        gpu = name in (*TRAINING, "fit-gmm")
+        assert platform[label].get("tolerations") == ([toleration] if gpu else None), name
+        assert platform[label].get("nodeSelector") == ({"labels": {"pool": "h100"}} if gpu else None), name
+        deadline = "7200" if name in TRAINING else None
+        assert platform[label].get("activeDeadlineSeconds") == deadline, name
+
+
+@pytest.mark.parametrize("env", [{"CAL_POSE_GPU_TOLERATIONS": "[{key: x}]"},
+                                 {"CAL_POSE_GPU_NODE_SELECTOR": '["pool", "h100"]'},
+                                 {"CAL_POSE_GPU_TOLERATIONS": '[{"key": "x", "operator": "Exists", "efect": "NoSchedule"}]'}])
+def test_bad_gpu_placement_settings_fail_the_compile_naming_the_variable(tmp_path, env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAL_POSE_")}
+    done = subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(tmp_path / "p.yaml")],
+                          cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
+    assert done.returncode != 0 and next(iter(env)) in done.stderr
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_caching_downsample_yes_register_no(spec):
