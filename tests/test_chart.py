@@ -91,7 +91,8 @@ def test_objects_match_what_the_pipeline_reads(values):
     assert values["pipelineEnv"]["configMapName"] == cal_pipeline.CONFIG_MAP
     assert values["pipelineEnv"]["s3SecretName"] == cal_pipeline.S3_SECRET
     configmap = (CHART / "templates" / "configmap.yaml").read_text()
-    assert set(re.findall(r"^  ([A-Z0-9_]+):", configmap, re.M)) == set(cal_pipeline.CONFIG_KEYS)
+    assert set(re.findall(r"^  ([A-Z0-9_]+):", configmap, re.M)) == {*cal_pipeline.CONFIG_KEYS,
+                                                                      *cal_pipeline.OPTIONAL_CONFIG_KEYS}
     secret = (CHART / "templates" / "secret-s3.yaml").read_text()
     assert set(re.findall(r"^  ([A-Z0-9_]+):", secret, re.M)) == set(cal_pipeline.S3_KEYS)
 
@@ -103,11 +104,36 @@ def test_schedule_values_are_valid_for_the_pipeline(values):
     assert set(client.parse_arguments(pairs)) == set(schedule["arguments"])
 
 
+def test_setup_job_sets_only_compile_settings_the_pipeline_reads():
+    """Every CAL_POSE_* variable the setup Job passes is read by the pipeline code (a typo would be ignored)."""
+    job = (CHART / "templates" / "pipeline-job.yaml").read_text()
+    passed = set(re.findall(r"- name: (CAL_POSE_[A-Z0-9_]+)", job))
+    code = "\n".join(p.read_text() for p in (CHART.parents[1] / "pipelines").glob("*.py"))
+    code += "\n".join(p.read_text() for p in (CHART.parents[1] / "components").glob("*.py"))
+    read = set(re.findall(r"""["'](CAL_POSE_[A-Z0-9_]+)["']""", code))  # names as string literals in code
+    assert {"CAL_POSE_GPU_TOLERATIONS", "CAL_POSE_TRAIN_TIMEOUT_S", "CAL_POSE_ACCELERATOR"} <= passed
+    assert passed <= read, f"set by the Job but read by no pipeline code: {sorted(passed - read)}"
+    assert "activeDeadlineSeconds:" in job and "resources:" in job
+
+
+def test_mlflow_and_database_pods_opt_out_of_istio_and_migrate_the_schema(values):
+    """KFP task pods have no sidecar: a profile's mTLS-only policy would refuse them at an injected MLflow."""
+    for component in ("mlflow", "postgresql"):
+        assert values[component]["podAnnotations"] == {"sidecar.istio.io/inject": "false"}
+        text = (CHART / "templates" / f"{component}.yaml").read_text()
+        assert f"with .Values.{component}.podAnnotations" in text
+    mlflow = (CHART / "templates" / "mlflow.yaml").read_text()
+    assert "initContainers:" in mlflow and "'db', 'upgrade', os.environ['MLFLOW_BACKEND_STORE_URI']" in mlflow
+    assert mlflow.count('include "cal-pose.mlflowEnv"') == 2  # the migration sees the server's database
+
+
 def test_mlflow_is_database_backed_with_s3_artifacts(values):
-    text = (CHART / "templates" / "mlflow.yaml").read_text()
+    text = (CHART / "templates" / "mlflow.yaml").read_text() + (CHART / "templates" / "_helpers.tpl").read_text()
     assert "- name: MLFLOW_BACKEND_STORE_URI" in text  # read by `mlflow server` from the environment
     assert "--backend-store-uri" not in text  # an argument would put the DB password in the process list
     assert "postgresql+psycopg2://" in text and "secretKeyRef" in text
+    url = re.search(r'"postgresql\+psycopg2://([^"]*)"', text).group(1)
+    assert ":$(" not in url and "- name: PGPASSWORD" in text  # libpq reads it: no escaping of the password
     assert values["mlflow"]["artifactsDestination"].startswith("s3://")
     assert "kind: StatefulSet" in (CHART / "templates" / "postgresql.yaml").read_text()
 

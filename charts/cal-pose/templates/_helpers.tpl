@@ -63,3 +63,37 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Environment of the MLflow containers: the database URI (no password in it: libpq reads PGPASSWORD,
+     so any characters work), S3 for the artifacts. */}}
+{{- define "cal-pose.mlflowEnv" -}}
+{{- if .Values.mlflow.externalDatabase.existingSecret }}
+- name: MLFLOW_BACKEND_STORE_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.externalDatabase.existingSecret }}
+      key: uri
+{{- else }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cal-pose.postgresSecret" . }}
+      key: password
+- name: MLFLOW_BACKEND_STORE_URI
+  value: "postgresql+psycopg2://{{ .Values.postgresql.username }}@{{ include "cal-pose.fullname" . }}-postgresql:5432/{{ .Values.postgresql.database }}"
+{{- end }}
+- name: MLFLOW_S3_ENDPOINT_URL
+  value: {{ .Values.s3.endpoint | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.s3.region | quote }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cal-pose.s3Secret" . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cal-pose.s3Secret" . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end -}}
