@@ -29,10 +29,12 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MLflow server (the tracker records to the run folder's offline file); one torch thread,
-    so a busy shared CPU does not make multi-threaded kernels spin."""
+def _quiet_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No MLflow server (the tracker records to the run folder's offline file, or ./runs/offline for an
+    s3:// run folder: the test's temp folder, never the checkout); one torch thread, so a busy shared
+    CPU does not make multi-threaded kernels spin."""
     monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
