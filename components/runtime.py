@@ -52,6 +52,18 @@ def finish_pipeline_run(parent_run_id: str, metrics_path: str) -> None:
     parent.end("FINISHED")
 
 
+def validation_flags(val_path: str, input_size: str, val_every: int, flip: bool) -> list[str]:
+    """``cal-pose train`` flags for COCO AP on the val shards every ``val_every`` epochs (0: never).
+
+    The val AP curve lands in the training's MLflow run (``val_AP`` etc. per
+    validated epoch), with the flip test as the final evaluation uses it.
+    """
+    if val_every <= 0:
+        return ["--val-every", "0"]
+    return ["--val-shards", f"{val_path}/{input_size}", "--val-every", str(val_every)] + (
+        [] if flip else ["--no-val-flip"])
+
+
 def flag(value: str, name: str) -> list[str]:
     """``[name, value]`` when ``value`` is set, else ``[]`` (optional CLI flags from pipeline strings)."""
     return [name, value] if value else []

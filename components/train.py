@@ -24,28 +24,32 @@ from components.images import image
 
 
 @dsl.component(base_image=image("train"), install_kfp_package=False)
-def train_stage1(shards: Input[Dataset], input_size: str, method: str, backbone: str, epochs: int,
-                 batch_size: int, lr: float, lr_steps: str, seed: int, amp: bool, workers: int, work_uri: str,
-                 kfp_run_id: str, experiment: str, parent_run_id: str, model: Output[Model],
-                 pretrained_weights: str = "") -> None:
-    """Train ``method`` on the ``input_size`` shards (from scratch or ``pretrained_weights``); writes model.pt."""
-    from components.runtime import flag, train_model
+def train_stage1(shards: Input[Dataset], val_shards: Input[Dataset], input_size: str, method: str, backbone: str,
+                 epochs: int, batch_size: int, lr: float, lr_steps: str, seed: int, amp: bool, workers: int,
+                 val_every: int, flip_test: bool, work_uri: str, kfp_run_id: str, experiment: str,
+                 parent_run_id: str, model: Output[Model], pretrained_weights: str = "") -> None:
+    """Train ``method`` on the ``input_size`` shards (from scratch or ``pretrained_weights``); writes model.pt.
+
+    Every ``val_every`` epochs (and after the last) the model is scored on the val shards (COCO AP).
+    """
+    from components.runtime import flag, train_model, validation_flags
 
     model.metadata.update({"method": method, "backbone": backbone, "input_size": input_size, "stage": 1})
     train_model(["--shards", f"{shards.path}/{input_size}", "--method", method, "--stage", "1",
                  "--backbone", backbone, "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr),
                  "--lr-steps", lr_steps, "--workers", str(workers), "--seed", str(seed)] + (["--amp"] if amp else [])
-                + flag(pretrained_weights, "--weights"),
+                + flag(pretrained_weights, "--weights")
+                + validation_flags(val_shards.path, input_size, val_every, flip_test),
                 model.path, work_uri, kfp_run_id, 1, experiment, parent_run_id)
 
 
 @dsl.component(base_image=image("train"), install_kfp_package=False)
-def train_stage2(shards: Input[Dataset], init: Input[Model], gmm: Input[Artifact], input_size: str, method: str,
-                 backbone: str, epochs: int, batch_size: int, lr: float, mgm_update: str, seed: int,
-                 amp: bool, workers: int, work_uri: str, kfp_run_id: str, experiment: str, parent_run_id: str,
-                 model: Output[Model]) -> None:
+def train_stage2(shards: Input[Dataset], val_shards: Input[Dataset], init: Input[Model], gmm: Input[Artifact],
+                 input_size: str, method: str, backbone: str, epochs: int, batch_size: int, lr: float,
+                 mgm_update: str, seed: int, amp: bool, workers: int, val_every: int, flip_test: bool,
+                 work_uri: str, kfp_run_id: str, experiment: str, parent_run_id: str, model: Output[Model]) -> None:
     """CAL stage 2 (Eq. 15, constant ``lr``) from the stage-1 model and the GMM; other methods: the stage-1 model."""
-    from components.runtime import copy_file, train_model
+    from components.runtime import copy_file, train_model, validation_flags
 
     model.metadata.update({"method": method, "backbone": backbone, "input_size": input_size, "stage": 2})
     if method != "cal":
@@ -56,5 +60,5 @@ def train_stage2(shards: Input[Dataset], init: Input[Model], gmm: Input[Artifact
                  "--backbone", backbone, "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr),
                  "--lr-steps", "", "--workers", str(workers), "--seed", str(seed),
                  "--init", f"{init.path}/model.pt", "--gmm", f"{gmm.path}/gmm.json", "--mgm-update", mgm_update]
-                + (["--amp"] if amp else []),
+                + (["--amp"] if amp else []) + validation_flags(val_shards.path, input_size, val_every, flip_test),
                 model.path, work_uri, kfp_run_id, 2, experiment, parent_run_id)

@@ -141,6 +141,7 @@ def cal_pipeline(
     amp: bool = True,
     seed: int = 0,
     workers: int = 4,
+    val_every: int = 10,
     detections_uri: str = "",
     det_score_thr: float = 0.0,
     work_uri: str = "",
@@ -171,6 +172,8 @@ def cal_pipeline(
         amp: mixed-precision training on the GPU.
         seed: random seed of training.
         workers: worker processes for downsampling and data loading.
+        val_every: score the model on the val set (COCO AP, logged to the training's MLflow run) every
+            this many epochs of each training stage and after its last epoch; 0 = never.
         detections_uri: optional COCO-format person detections (JSON) for the val split; empty = ground-truth boxes.
         det_score_thr: minimum detection score kept when detections_uri is set.
         work_uri: optional s3:// prefix for resumable training folders (a retried training task resumes
@@ -184,7 +187,7 @@ def cal_pipeline(
         backbone=backbone, pretrained_weights=pretrained_weights, epochs_stage1=epochs_stage1,
         epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, lr_steps=lr_steps, lr_stage2=lr_stage2,
         gmm_components=gmm_components, max_gmm_components=max_gmm_components, mgm_update=mgm_update,
-        flip_test=flip_test, amp=amp, seed=seed, workers=workers, detections_uri=detections_uri,
+        flip_test=flip_test, amp=amp, seed=seed, workers=workers, val_every=val_every, detections_uri=detections_uri,
         det_score_thr=det_score_thr, work_uri=work_uri, model_name=model_name), "250m", "512Mi")
     parent.set_caching_options(False).set_display_name("mlflow-parent-run")
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
@@ -197,8 +200,8 @@ def cal_pipeline(
         shards[split] = task.outputs["shards"]
 
     training = {"input_size": input_size, "method": method, "backbone": backbone, "batch_size": batch_size,
-                "seed": seed, "amp": amp, "workers": workers,
-                "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
+                "seed": seed, "amp": amp, "workers": workers, "val_shards": shards["val"], "val_every": val_every,
+                "flip_test": flip_test, "work_uri": work_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **tracking}
     stage1 = train_stage1(shards=shards["train"], epochs=epochs_stage1, lr=lr, lr_steps=lr_steps,
                           pretrained_weights=pretrained_weights, **training)
     _resources(stage1, "8", "32Gi", gpu=True, shm="4Gi", timeout_s=TRAIN_TIMEOUT_S).set_retry(TRAIN_RETRIES)

@@ -391,6 +391,20 @@ def test_upload_creates_the_pipeline_or_a_new_version():
     assert fake.calls[-1] == ("version", "0.1.0-r2", "pipe-1")
 
 
+def test_training_validates_on_the_val_shards_every_val_every_epochs(spec, monkeypatch):
+    """Both training tasks read the val shards of their input size; the flags follow val_every and flip_test."""
+    from components import runtime
+
+    tasks, by_key = _tasks(spec), spec["root"]["dag"]["tasks"]
+    for name in TRAINING:
+        val = tasks[name]["inputs"]["artifacts"]["val_shards"]["taskOutputArtifact"]
+        assert by_key[val["producerTask"]]["inputs"]["parameters"]["split"]["runtimeValue"]["constant"] == "val"
+        assert tasks[name]["inputs"]["parameters"]["val_every"]["componentInputParameter"] == "val_every"
+    assert runtime.validation_flags("/a/val", "64x48", 10, True) == ["--val-shards", "/a/val/64x48", "--val-every", "10"]
+    assert runtime.validation_flags("/a/val", "64x48", 5, False)[-1] == "--no-val-flip"
+    assert runtime.validation_flags("/a/val", "64x48", 0, True) == ["--val-every", "0"]
+
+
 def test_non_cal_methods_pass_through_fit_gmm_and_stage2(tmp_path):
     """The component bodies (called directly) skip the GMM and copy the stage-1 model for non-CAL methods."""
     from kfp import dsl
@@ -407,9 +421,10 @@ def test_non_cal_methods_pass_through_fit_gmm_and_stage2(tmp_path):
                         experiment="x", parent_run_id="", gmm=gmm)
     assert json.loads((tmp_path / "gmm" / "gmm.json").read_text())["skipped"] is True
     model = dsl.Model(uri=str(tmp_path / "stage2"))
-    train_stage2.python_func(shards=dsl.Dataset(uri=str(tmp_path / "none")), init=dsl.Model(uri=str(stage1)),
-                             gmm=gmm, input_size="64x48", method="udp", backbone="tiny", epochs=1, batch_size=2,
-                             lr=1e-4, mgm_update="static", seed=0, amp=False, workers=0, work_uri="", kfp_run_id="r",
+    train_stage2.python_func(shards=dsl.Dataset(uri=str(tmp_path / "none")), val_shards=dsl.Dataset(uri="none"),
+                             init=dsl.Model(uri=str(stage1)), gmm=gmm, input_size="64x48", method="udp",
+                             backbone="tiny", epochs=1, batch_size=2, lr=1e-4, mgm_update="static", seed=0,
+                             amp=False, workers=0, val_every=10, flip_test=True, work_uri="", kfp_run_id="r",
                              experiment="x", parent_run_id="", model=model)
     assert (tmp_path / "stage2" / "model.pt").read_bytes() == b"stage-1 weights"
     assert "passthrough" in model.metadata
@@ -450,7 +465,7 @@ def test_cluster_parent_run_records_every_pipeline_parameter(tmp_path, monkeypat
         experiment="x", kfp_run_id="kfp-1", kfp_run_name="nightly", coco_uri="s3://d/coco", input_size="128x96",
         method="cal", backbone="hrnet_w32", pretrained_weights="", epochs_stage1=210, epochs_stage2=40, batch_size=64,
         lr=1e-3, lr_steps="auto", lr_stage2=1e-4, gmm_components="auto", max_gmm_components=3, mgm_update="static",
-        flip_test=True, amp=True, seed=0, workers=4, detections_uri="s3://d/dets.json", det_score_thr=0.5,
+        flip_test=True, amp=True, seed=0, workers=4, val_every=10, detections_uri="s3://d/dets.json", det_score_thr=0.5,
         work_uri="", model_name="cal-pose")
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["input_size"] == "128x96" and run.data.params["method"] == "cal"

@@ -103,6 +103,8 @@ def check_mlflow(summary: dict, method: str) -> None:
     by_stage = {run.data.tags["cal_pose.stage"]: run for run in children}
     assert by_stage["evaluate"].data.metrics["AP"] == pytest.approx(summary["metrics"]["AP"])
     assert "loss" in by_stage["train-s1"].data.metrics, "training logged no loss"
+    trained = ["train-s1", "train-s2"] if method == "cal" else ["train-s1"]
+    assert all("val_AP" in by_stage[stage].data.metrics for stage in trained), "no val AP during training"
 
 
 @pytest.fixture(scope="module")
