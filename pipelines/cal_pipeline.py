@@ -38,8 +38,9 @@ S3_SECRET = os.environ.get("CAL_POSE_S3_SECRET", "cal-pose-s3")
 MLFLOW_SECRET = os.environ.get("CAL_POSE_MLFLOW_SECRET", "cal-pose-mlflow")
 CONFIG_MAP = os.environ.get("CAL_POSE_CONFIG_MAP", "cal-pose-config")
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+#: The MLflow login: basic auth (username + password) or a bearer token; the Secret holds either (optional).
 MLFLOW_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"}
 CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}
 #: ConfigMap keys a task reads when present (a ConfigMap made by hand may lack them): the S3 signing region.
 OPTIONAL_CONFIG_KEYS = {"AWS_REGION": "AWS_REGION"}

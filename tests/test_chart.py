@@ -127,6 +127,17 @@ def test_mlflow_and_database_pods_opt_out_of_istio_and_migrate_the_schema(values
     assert mlflow.count('include "cal-pose.mlflowEnv"') == 2  # the migration sees the server's database
 
 
+def test_every_pod_meets_pod_security_restricted():
+    """Non-root, RuntimeDefault seccomp, and every container without privilege escalation or capabilities."""
+    for name in ("mlflow.yaml", "postgresql.yaml", "pipeline-job.yaml"):
+        text = (CHART / "templates" / name).read_text()
+        assert "runAsNonRoot: true" in text and "type: RuntimeDefault" in text, name
+        images = len(re.findall(r"^\s+image: ", text, re.M))
+        assert images and text.count('include "cal-pose.containerSecurity"') == images, name
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert "allowPrivilegeEscalation: false" in helpers and 'drop: ["ALL"]' in helpers
+
+
 def test_mlflow_is_database_backed_with_s3_artifacts(values):
     text = (CHART / "templates" / "mlflow.yaml").read_text() + (CHART / "templates" / "_helpers.tpl").read_text()
     assert "- name: MLFLOW_BACKEND_STORE_URI" in text  # read by `mlflow server` from the environment

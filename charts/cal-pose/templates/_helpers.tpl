@@ -97,3 +97,11 @@ imagePullSecrets:
       name: {{ include "cal-pose.s3Secret" . }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end -}}
+
+{{/* Container hardening for Pod Security "restricted": no privilege escalation, no capabilities. */}}
+{{- define "cal-pose.containerSecurity" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  capabilities:
+    drop: ["ALL"]
+{{- end -}}
