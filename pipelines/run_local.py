@@ -160,7 +160,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``make run`` / ``cal-pose pipeline run-local`` (defaults: a ~4-minute CPU run on 2 cores)."""
+    """Flags of ``make run`` / ``cal-pose pipeline run-local`` (defaults: a 4-6 minute CPU run on 2 cores)."""
     parser.add_argument("--coco", help="COCO-layout dataset: a folder or s3://bucket/prefix "
                         "(default: $COCO_ROOT, else synthetic people)")
     parser.add_argument("--people", type=int, default=2000, help="synthetic training people")
