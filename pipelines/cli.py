@@ -48,9 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     schedule.add_argument("--max-concurrency", type=int, default=1)
     schedule.add_argument("--catchup", action="store_true", help="backfill missed intervals")
     schedule.add_argument("--replace", action="store_true", help="delete recurring runs of the same name first")
-    schedule.add_argument("--pipeline", default=None, metavar="NAME",
-                          help="run the newest uploaded version of this KFP pipeline (shown under it in the UI) "
-                          "instead of a copy of --package, which still types the --param values")
 
 
 def default_run_name() -> str:
@@ -77,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         job_id = client.schedule(kfp_client, args.cron, arguments, args.name, args.experiment, args.package,
                                  enable_caching=args.cache, max_concurrency=args.max_concurrency,
-                                 catchup=args.catchup, replace=args.replace, pipeline=args.pipeline)
+                                 catchup=args.catchup, replace=args.replace)
         print(f"recurring run {job_id}: {client.kfp_cron(args.cron)}")
     return 0

@@ -170,39 +170,23 @@ def recurring_runs_named(client: Any, experiment_id: str, job_name: str) -> list
             return found
 
 
-def newest_version(client: Any, pipeline: str) -> tuple[str, str]:
-    """``(pipeline id, id of its newest version)`` of the KFP pipeline called ``pipeline``."""
-    pipeline_id = client.get_pipeline_id(pipeline)
-    if pipeline_id is None:
-        raise ValueError(f"no KFP pipeline named {pipeline!r}: upload it first (cal-pose pipeline upload)")
-    page = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
-    if not page.pipeline_versions:
-        raise ValueError(f"KFP pipeline {pipeline!r} ({pipeline_id}) has no versions")
-    return pipeline_id, page.pipeline_versions[0].pipeline_version_id
-
-
 def schedule(client: Any, cron: str, arguments: dict[str, Any], job_name: str, experiment: str,
              package: str | Path = DEFAULT_OUTPUT, enable_caching: bool = False, max_concurrency: int = 1,
-             catchup: bool = False, replace: bool = False, pipeline: str | None = None) -> str:
+             catchup: bool = False, replace: bool = False) -> str:
     """Create a recurring run on ``cron`` (5 or 6 fields); returns its id.
 
     Caching is off by default: a scheduled run exists to pick up new data at
     the same ``coco_uri``, which cached downsampling would not see. With
     ``replace``, recurring runs of the same name in the experiment are deleted
-    first (so re-applying the Helm chart does not pile up schedules). With
-    ``pipeline``, the runs use that uploaded pipeline's newest version (and
-    show under it in the KFP UI) instead of a copy of ``package``.
+    first (so re-applying the Helm chart does not pile up schedules).
     """
     cron = kfp_cron(cron)
-    source = {"pipeline_package_path": str(package)}
-    if pipeline:
-        pipeline_id, version_id = newest_version(client, pipeline)
-        source = {"pipeline_id": pipeline_id, "version_id": version_id}
     experiment_id = client.create_experiment(experiment).experiment_id
     if replace:
         for old in recurring_runs_named(client, experiment_id, job_name):
             client.delete_recurring_run(old)
     recurring = client.create_recurring_run(experiment_id, job_name, cron_expression=cron,
-                                            params=arguments, enable_caching=enable_caching,
-                                            max_concurrency=max_concurrency, no_catchup=not catchup, **source)
+                                            params=arguments, pipeline_package_path=str(package),
+                                            enable_caching=enable_caching, max_concurrency=max_concurrency,
+                                            no_catchup=not catchup)
     return recurring.recurring_run_id

@@ -283,11 +283,6 @@ class FakeClient:
     def upload_pipeline_version(self, package, pipeline_version_name, pipeline_id):
         self.calls.append(("version", pipeline_version_name, pipeline_id))
 
-    def list_pipeline_versions(self, pipeline_id, page_size, sort_by):
-        self.calls.append(("versions", pipeline_id, page_size, sort_by))
-        newest = [argparse.Namespace(pipeline_version_id="ver-9")] if pipeline_id == "pipe-1" else []
-        return argparse.Namespace(pipeline_versions=newest)
-
 
 def test_submit_and_schedule_call_kfp_client():
     fake = FakeClient()
@@ -298,33 +293,6 @@ def test_submit_and_schedule_call_kfp_client():
     assert (experiment_id, name, kwargs["cron_expression"]) == ("exp-1", "weekly", "0 0 3 * * 1")
     assert kwargs["enable_caching"] is False and kwargs["no_catchup"] is True
     assert kwargs["pipeline_package_path"] == str(DEFAULT_OUTPUT)
-
-
-def test_schedule_can_run_the_newest_uploaded_version():
-    """The chart's schedule runs the version it just uploaded, so the recurring run shows under the pipeline."""
-    fake = FakeClient()
-    client.schedule(fake, "@weekly", {"method": "cal"}, "weekly", "cal-pose", pipeline="cal-pose")
-    assert ("versions", "pipe-1", 1, "created_at desc") in fake.calls
-    kwargs = fake.calls[-1][3]
-    assert (kwargs["pipeline_id"], kwargs["version_id"]) == ("pipe-1", "ver-9")
-    assert "pipeline_package_path" not in kwargs and kwargs["params"] == {"method": "cal"}
-    with pytest.raises(ValueError, match="no KFP pipeline named 'other': upload it first"):
-        client.schedule(FakeClient(), "@weekly", {}, "weekly", "cal-pose", pipeline="other")
-    job = (ROOT / "charts" / "cal-pose" / "templates" / "pipeline-job.yaml").read_text()
-    assert "--pipeline {{ .Values.pipeline.name | quote }}" in job
-
-
-def test_schedule_command_passes_the_pipeline_name(monkeypatch: pytest.MonkeyPatch):
-    from pipelines import cli
-
-    seen = {}
-    monkeypatch.setattr(client, "connect", lambda host, namespace: object())
-    monkeypatch.setattr(client, "schedule", lambda c, cron, arguments, name, experiment, package, **k: seen.update(k))
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    args = parser.parse_args(["schedule", "--host", "http://kfp", "--cron", "0 2 * * 0", "--pipeline", "cal-pose",
-                              "--param", "method=cal", "--replace"])
-    assert cli.run(args) == 0 and seen["pipeline"] == "cal-pose" and seen["replace"] is True
 
 
 def test_schedule_replace_deletes_same_name_recurring_runs_only():
