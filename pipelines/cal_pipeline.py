@@ -70,7 +70,7 @@ GPU_TOLERATIONS = _json_setting("CAL_POSE_GPU_TOLERATIONS", "[]", list)
 #: Node labels the GPU tasks must run on (JSON object), e.g. ``{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}``.
 GPU_NODE_SELECTOR = _json_setting("CAL_POSE_GPU_NODE_SELECTOR", "{}", dict)
 #: Seconds one attempt of a training task may run before Kubernetes stops it (a retry resumes from
-#: ``last.pt``), and of any other task (0: no limit). A hung loader or S3 stall then frees the GPU and
+#: ``last.pt`` when ``work_uri`` is set, else starts over), and of any other task (0: no limit). A hung loader or S3 stall then frees the GPU and
 #: the schedule, whose runs otherwise queue behind it (maxConcurrency).
 TRAIN_TIMEOUT_S = int(os.environ.get("CAL_POSE_TRAIN_TIMEOUT_S", str(72 * 3600)))
 TASK_TIMEOUT_S = int(os.environ.get("CAL_POSE_TASK_TIMEOUT_S", str(12 * 3600)))
@@ -117,7 +117,19 @@ def _gpu_placement(task: dsl.PipelineTask) -> None:
             raise ValueError(f"CAL_POSE_GPU_TOLERATIONS: {toleration!r} has unknown fields {sorted(unknown)}")
         kubernetes.add_toleration(task, **{_TOLERATION_FIELDS[k]: v for k, v in toleration.items()})
     for label, value in GPU_NODE_SELECTOR.items():
-        kubernetes.add_node_selector(task, label, str(value))
+        kubernetes.add_node_selector(task, label, _label_value(label, value))
+
+
+def _label_value(label: str, value: Any) -> str:
+    """A node-label value as Kubernetes writes it: strings as given, JSON true/false/numbers as JSON text.
+
+    ``str(True)`` would give ``"True"``, which matches no node labelled ``true`` (values are case-sensitive).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    raise ValueError(f"CAL_POSE_GPU_NODE_SELECTOR: label {label!r} needs a string value, got {value!r}")
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Low-resolution human pose estimation with Confidence-Aware "

@@ -87,7 +87,7 @@ class _TorchCalls(TorchFunctionMode):
 @pytest.mark.parametrize("name", CODECS)
 def test_batch_encode_is_vectorised(name: str) -> None:
     # The trainer encodes whole batches (cal_core.data.dataset.add_targets). Vectorised code makes the
-    # same torch calls whatever the batch size; a per-person or per-joint Python loop makes more calls
+    # same torch calls whatever the batch size; a Python loop over people makes more calls
     # for a bigger batch. Counting calls (not timing) keeps the check exact on a busy machine.
     codec = build_codec(name, (128, 96))
     counts = []

@@ -147,15 +147,29 @@ def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, sp
         assert platform[label].get("activeDeadlineSeconds") == deadline, name
 
 
-@pytest.mark.parametrize("env", [{"CAL_POSE_GPU_TOLERATIONS": "[{key: x}]"},
-                                 {"CAL_POSE_GPU_NODE_SELECTOR": '["pool", "h100"]'},
-                                 {"CAL_POSE_GPU_TOLERATIONS": '[{"key": "x", "operator": "Exists", "efect": "NoSchedule"}]'}])
-def test_bad_gpu_placement_settings_fail_the_compile_naming_the_variable(tmp_path, env):
+@pytest.mark.parametrize(("env", "error"), [
+    ({"CAL_POSE_GPU_TOLERATIONS": "[{key: x}]"}, "CAL_POSE_GPU_TOLERATIONS must be JSON (list)"),
+    ({"CAL_POSE_GPU_NODE_SELECTOR": '["pool", "h100"]'}, "CAL_POSE_GPU_NODE_SELECTOR must be a JSON dict"),
+    ({"CAL_POSE_GPU_NODE_SELECTOR": '{"pool": ["a"]}'}, "CAL_POSE_GPU_NODE_SELECTOR: label 'pool' needs a string"),
+    ({"CAL_POSE_GPU_TOLERATIONS": '[{"key": "x", "operator": "Exists", "efect": "NoSchedule"}]'},
+     "CAL_POSE_GPU_TOLERATIONS: {'key': 'x', 'operator': 'Exists', 'efect': 'NoSchedule'} has unknown fields"),
+])
+def test_bad_gpu_placement_settings_fail_the_compile_naming_the_variable(tmp_path, env, error):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CAL_POSE_")}
     done = subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(tmp_path / "p.yaml")],
                           cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
-    assert done.returncode != 0 and next(iter(env)) in done.stderr
+    assert done.returncode != 0 and error in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_node_selector_values_are_written_as_kubernetes_labels(tmp_path):
+    """JSON true must become the label text "true" (GPU Feature Discovery's), not Python's "True"."""
+    custom = list(yaml.safe_load_all(_compile(
+        tmp_path, CAL_POSE_GPU_NODE_SELECTOR='{"nvidia.com/gpu.present": true, "gpus": 8, "pool": "h100"}')
+        .read_text()))
+    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    labels = platform["exec-train-stage1"]["nodeSelector"]["labels"]
+    assert labels == {"nvidia.com/gpu.present": "true", "gpus": "8", "pool": "h100"}
 
 
 def test_caching_downsample_yes_register_no(spec):
