@@ -73,6 +73,10 @@ class Session:
     epoch_step: int = 0
     step: int = 0
     mlflow_run_id: str = ""  # the stage's MLflow run, kept in last.pt so a resumed attempt logs to it
+    # last.pt is written before the epoch's validation (a failing one must not cost the epoch) and says
+    # whether one was due: a resumed attempt runs it first. Not re-saved after validating (a checkpoint
+    # write per validation), so resuming a finished run validates its last epoch once more.
+    val_pending: bool = False
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -260,7 +264,7 @@ def _state(s: Session) -> dict[str, Any]:
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
         "config": s.model_config, "code_version": checkpoint.code_version(),
         "world_size": s.ctx.world_size, "train_manifest_sha256": s.shards_sha256,
-        "mlflow_run_id": s.mlflow_run_id,
+        "mlflow_run_id": s.mlflow_run_id, "val_pending": s.val_pending,
     }
 
 
@@ -283,6 +287,7 @@ def _restore(s: Session, uri: str) -> None:
     s.scaler.load_state_dict(state["scaler"])
     s.epoch, s.epoch_step, s.step = state["epoch"], state["epoch_step"], state["step"]
     s.mlflow_run_id = state.get("mlflow_run_id") or ""
+    s.val_pending = bool(state.get("val_pending", False))
     if s.masks is not None and state.get("mgm"):
         s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
     checkpoint.set_rng_state(state["rng"])
@@ -494,6 +499,8 @@ def _log_file(tracker: tracking.Tracker, uri: str, artifact_path: str) -> None:
 
 def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
     """Epochs from where the session stands to the end (or --max-steps, possibly mid-epoch)."""
+    if s.val_pending:  # the attempt before stopped between its checkpoint and that epoch's validation
+        _pending_validation(s, tracker)
     while s.epoch < s.config.epochs and not _done(s):
         metrics = train_epoch(s, tracker)
         batches = _batches_per_epoch(s)
@@ -501,16 +508,28 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
         if finished:
             s.epoch, s.epoch_step = s.epoch + 1, 0
             s.scheduler.step()
+        s.val_pending = bool(finished and s.config.val_shards and s.config.val_every and (
+            s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs))
         _save_last(s)  # before validating: a failing evaluation must not cost the epoch just trained
-        due = finished and s.config.val_shards and s.config.val_every and (
-            s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs)
-        if due and s.ctx.is_main:
+        if s.val_pending and s.ctx.is_main:
             metrics.update(validate(s))
+        s.val_pending = False
         log.info("epoch %d/%d%s: %s", s.epoch + (0 if finished else 1), s.config.epochs,
                  "" if finished else f" (stopped after batch {s.epoch_step})",
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if tracker is not None:
             tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / batches}, step=s.step)
+
+
+def _pending_validation(s: Session, tracker: tracking.Tracker | None) -> None:
+    """Validate the restored epoch (rank 0) and log it at its step, so no val point (nor the last) goes missing."""
+    if s.ctx.is_main:
+        metrics = validate(s)
+        log.info("epoch %d/%d (validation after resume): %s", s.epoch, s.config.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if tracker is not None:
+            tracker.log_metrics({**metrics, "epoch": float(s.epoch)}, step=s.step)
+    s.val_pending = False
 
 
 def train(config: TrainConfig) -> str:

@@ -380,10 +380,23 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     def broken(session):
         raise RuntimeError("CUDA out of memory (simulated) in validation")
 
+    real = train_module.validate
     monkeypatch.setattr(train_module, "validate", broken)
+    settings = {"val_shards": tiny_shards["val"], "val_every": 1, "epochs": 2}
     with pytest.raises(RuntimeError, match="simulated"):
-        train(_config(tiny_shards, tmp_path / "run", val_shards=tiny_shards["val"], val_every=1, epochs=2))
-    assert checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))["epoch"] == 1  # the epoch is kept
+        train(_config(tiny_shards, tmp_path / "run", **settings))
+    state = checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))
+    assert state["epoch"] == 1 and state["val_pending"] is True  # the epoch is kept, its validation owed
+
+    # The retried attempt validates epoch 1 first, then trains epoch 2 and validates it: no val point is lost.
+    validated = []
+    monkeypatch.setattr(train_module, "validate", lambda session: validated.append(session.epoch) or real(session))
+    train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
+    assert validated == [1, 2]
+    events = [json.loads(line) for line in (tmp_path / "run" / "mlflow-offline.jsonl").read_text().splitlines()]
+    val_epochs = [e["data"]["values"]["epoch"] for e in events
+                  if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
+    assert val_epochs == [1.0, 2.0]
 
 
 def test_a_resume_that_cannot_reattach_its_run_logs_params_on_the_new_one(tiny_shards, tmp_path: Path,
