@@ -64,18 +64,42 @@ def _json_setting(name: str, default: str, kind: type) -> Any:
     return value
 
 
-#: Tolerations of the GPU tasks (JSON list of Kubernetes tolerations), e.g. for GPU nodes tainted
-#: ``nvidia.com/gpu:NoSchedule`` on clusters without the ExtendedResourceToleration admission plugin.
-GPU_TOLERATIONS = _json_setting("CAL_POSE_GPU_TOLERATIONS", "[]", list)
-#: Node labels the GPU tasks must run on (JSON object), e.g. ``{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}``.
-GPU_NODE_SELECTOR = _json_setting("CAL_POSE_GPU_NODE_SELECTOR", "{}", dict)
-#: Seconds one attempt of a training task may run before Kubernetes stops it (a retry resumes from
-#: ``last.pt`` when ``work_uri`` is set, else starts over), and of any other task (0: no limit). A hung loader or S3 stall then frees the GPU and
-#: the schedule, whose runs otherwise queue behind it (maxConcurrency).
-TRAIN_TIMEOUT_S = int(os.environ.get("CAL_POSE_TRAIN_TIMEOUT_S", str(72 * 3600)))
-TASK_TIMEOUT_S = int(os.environ.get("CAL_POSE_TASK_TIMEOUT_S", str(12 * 3600)))
 _TOLERATION_FIELDS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
                       "tolerationSeconds": "toleration_seconds"}
+
+
+def _toleration(toleration: Any) -> dict[str, Any]:
+    """A Kubernetes toleration object as ``kubernetes.add_toleration`` keyword arguments."""
+    unknown = set(toleration) - set(_TOLERATION_FIELDS) if isinstance(toleration, dict) else {"(not an object)"}
+    if unknown:
+        raise ValueError(f"CAL_POSE_GPU_TOLERATIONS: {toleration!r} has unknown fields {sorted(unknown)}")
+    return {_TOLERATION_FIELDS[k]: v for k, v in toleration.items()}
+
+
+def _label_value(label: str, value: Any) -> str:
+    """A node-label value as Kubernetes writes it: strings as given, JSON true/false/numbers as JSON text.
+
+    ``str(True)`` would give ``"True"``, which matches no node labelled ``true`` (values are case-sensitive).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    raise ValueError(f"CAL_POSE_GPU_NODE_SELECTOR: label {label!r} needs a string value, got {value!r}")
+
+
+#: Tolerations of the GPU tasks (JSON list of Kubernetes tolerations), e.g. for GPU nodes tainted
+#: ``nvidia.com/gpu:NoSchedule`` on clusters without the ExtendedResourceToleration admission plugin.
+GPU_TOLERATIONS = [_toleration(t) for t in _json_setting("CAL_POSE_GPU_TOLERATIONS", "[]", list)]
+#: Node labels the GPU tasks must run on (JSON object), e.g. ``{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}``.
+GPU_NODE_SELECTOR = {label: _label_value(label, value)
+                     for label, value in _json_setting("CAL_POSE_GPU_NODE_SELECTOR", "{}", dict).items()}
+#: Seconds one attempt of a training task may run before Kubernetes stops it (a retry resumes from
+#: ``last.pt`` when ``work_uri`` is set, else starts over), and of any other task (0: no limit). A hung
+#: loader or S3 stall then frees the GPU and the schedule, whose runs otherwise queue behind it
+#: (maxConcurrency).
+TRAIN_TIMEOUT_S = int(os.environ.get("CAL_POSE_TRAIN_TIMEOUT_S", str(72 * 3600)))
+TASK_TIMEOUT_S = int(os.environ.get("CAL_POSE_TASK_TIMEOUT_S", str(12 * 3600)))
 
 
 def _environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -112,24 +136,9 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str, gpu: bool = False,
 def _gpu_placement(task: dsl.PipelineTask) -> None:
     """The GPU tasks' tolerations and node selector (``CAL_POSE_GPU_TOLERATIONS`` / ``_NODE_SELECTOR``)."""
     for toleration in GPU_TOLERATIONS:
-        unknown = set(toleration) - set(_TOLERATION_FIELDS) if isinstance(toleration, dict) else {"(not an object)"}
-        if unknown:
-            raise ValueError(f"CAL_POSE_GPU_TOLERATIONS: {toleration!r} has unknown fields {sorted(unknown)}")
-        kubernetes.add_toleration(task, **{_TOLERATION_FIELDS[k]: v for k, v in toleration.items()})
+        kubernetes.add_toleration(task, **toleration)
     for label, value in GPU_NODE_SELECTOR.items():
-        kubernetes.add_node_selector(task, label, _label_value(label, value))
-
-
-def _label_value(label: str, value: Any) -> str:
-    """A node-label value as Kubernetes writes it: strings as given, JSON true/false/numbers as JSON text.
-
-    ``str(True)`` would give ``"True"``, which matches no node labelled ``true`` (values are case-sensitive).
-    """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return json.dumps(value)
-    raise ValueError(f"CAL_POSE_GPU_NODE_SELECTOR: label {label!r} needs a string value, got {value!r}")
+        kubernetes.add_node_selector(task, label, value)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Low-resolution human pose estimation with Confidence-Aware "

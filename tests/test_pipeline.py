@@ -19,12 +19,18 @@ STAGES = {"downsample", "train-stage1", "fit-gmm", "train-stage2", "export-onnx"
 TRAINING = ("train-stage1", "train-stage2")
 
 
-def _compile(tmp_path: Path, **env: str) -> Path:
-    """Compile in a fresh interpreter (component images are fixed at import time) with a clean image env."""
-    out = tmp_path / "pipeline.yaml"
+def _compile_process(out: Path, **env: str) -> subprocess.CompletedProcess:
+    """Compile to ``out`` in a fresh interpreter (settings are read at import) with only ``env`` as CAL_POSE_*."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CAL_POSE_")}
-    subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(out)], cwd=ROOT, check=True,
-                   env={**clean, **env}, capture_output=True)
+    return subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(out)], cwd=ROOT,
+                          env={**clean, **env}, capture_output=True, text=True)
+
+
+def _compile(tmp_path: Path, **env: str) -> Path:
+    """The compiled YAML's path (the compile must succeed)."""
+    out = tmp_path / "pipeline.yaml"
+    done = _compile_process(out, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
@@ -155,9 +161,7 @@ def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, sp
      "CAL_POSE_GPU_TOLERATIONS: {'key': 'x', 'operator': 'Exists', 'efect': 'NoSchedule'} has unknown fields"),
 ])
 def test_bad_gpu_placement_settings_fail_the_compile_naming_the_variable(tmp_path, env, error):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAL_POSE_")}
-    done = subprocess.run([sys.executable, "-m", "pipelines.compile", "--output", str(tmp_path / "p.yaml")],
-                          cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
+    done = _compile_process(tmp_path / "p.yaml", **env)
     assert done.returncode != 0 and error in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "p.yaml").exists()
 
