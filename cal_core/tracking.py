@@ -375,15 +375,16 @@ def stage_run(stage: str, experiment: str | None = None, run_name: str | None = 
 
 
 @contextlib.contextmanager
-def pipeline_run(run_name: str, experiment: str | None = None, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, Any] | None = None, local_dir: str | Path | None = None) -> Iterator[Tracker]:
+def pipeline_run(run_name: str, experiment: str | None = None, tags: Mapping[str, Any] | None = None,
+                 local_dir: str | Path | None = None) -> Iterator[Tracker]:
     """The parent run of one pipeline run; exports ``CAL_POSE_PARENT_RUN_ID`` while it is open.
 
     Stage runs started inside (same process or subprocesses that inherit the
-    environment) become its children.
+    environment) become its children. Its params are the pipeline's, logged
+    by the DAG's first task (``components.mlflow_run``), as in a cluster.
     """
     previous = os.environ.get(PARENT_ENV)
-    with stage_run("pipeline", experiment, run_name, params, tags, local_dir) as tracker:
+    with stage_run("pipeline", experiment, run_name, None, tags, local_dir) as tracker:
         if tracker.run_id:
             os.environ[PARENT_ENV] = tracker.run_id
         try:
