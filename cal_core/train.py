@@ -515,8 +515,7 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
             metrics.update(validate(s))
         s.val_pending = False
         log.info("epoch %d/%d%s: %s", s.epoch + (0 if finished else 1), s.config.epochs,
-                 "" if finished else f" (stopped after batch {s.epoch_step})",
-                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+                 "" if finished else f" (stopped after batch {s.epoch_step})", _metrics_text(metrics))
         if tracker is not None:
             tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / batches}, step=s.step)
 
@@ -525,11 +524,15 @@ def _pending_validation(s: Session, tracker: tracking.Tracker | None) -> None:
     """Validate the restored epoch (rank 0) and log it at its step, so no val point (nor the last) goes missing."""
     if s.ctx.is_main:
         metrics = validate(s)
-        log.info("epoch %d/%d (validation after resume): %s", s.epoch, s.config.epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        log.info("epoch %d/%d (validation after resume): %s", s.epoch, s.config.epochs, _metrics_text(metrics))
         if tracker is not None:
             tracker.log_metrics({**metrics, "epoch": float(s.epoch)}, step=s.step)
     s.val_pending = False
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    """``name=value, ...`` (sorted, 4 significant digits) for the epoch log lines."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
 def train(config: TrainConfig) -> str:
