@@ -185,10 +185,15 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_sh
     assert checkpoint.load(str(tmp_path / checkpoint.LAST))["step"] == 2
 
 
+def _val_points(out: Path) -> list[dict]:
+    """The metric dicts with ``val_AP`` that a run into ``out`` logged (its offline tracking file)."""
+    events = [json.loads(line) for line in (out / "mlflow-offline.jsonl").read_text().splitlines()]
+    return [e["data"]["values"] for e in events if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
+
+
 def test_validation_logs_coco_ap_every_epoch(tiny_shards, tmp_path: Path) -> None:
     train(_config(tiny_shards, tmp_path, method="heatmap", val_shards=tiny_shards["val"], val_every=1, epochs=2))
-    events = [json.loads(line) for line in (tmp_path / "mlflow-offline.jsonl").read_text().splitlines()]
-    logged = [e["data"]["values"] for e in events if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
+    logged = _val_points(tmp_path)
     assert len(logged) == 2
     assert all(0.0 <= m["val_AP"] <= 1.0 and m["samples_seen"] == 40 for m in logged)
     assert [m["lr"] for m in logged] == [1e-3, 1e-3]  # per epoch: 5 steps never reach --log-every
@@ -393,10 +398,7 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     monkeypatch.setattr(train_module, "validate", lambda session: validated.append(session.epoch) or real(session))
     train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
     assert validated == [1, 2]
-    events = [json.loads(line) for line in (tmp_path / "run" / "mlflow-offline.jsonl").read_text().splitlines()]
-    val_epochs = [e["data"]["values"]["epoch"] for e in events
-                  if e["kind"] == "metrics" and "val_AP" in e["data"]["values"]]
-    assert val_epochs == [1.0, 2.0]
+    assert [m["epoch"] for m in _val_points(tmp_path / "run")] == [1.0, 2.0]
 
 
 def test_a_resume_that_cannot_reattach_its_run_logs_params_on_the_new_one(tiny_shards, tmp_path: Path,
