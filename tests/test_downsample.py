@@ -642,6 +642,27 @@ def test_detections_as_box_source(coco_mini: Path, tmp_path: Path) -> None:
     assert {i["id"] for i in subset["images"]} == {a["image_id"] for a in people}  # missed people still count
 
 
+def test_missed_people_count_when_the_gt_writes_ids_as_floats(coco_mini: Path, tmp_path: Path) -> None:
+    """Images with GT people but no detection reach annotations.json even with ids written as ``5.0``."""
+    root = _small_root(coco_mini, tmp_path, n_images=4)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    for ann in gt["annotations"]:
+        ann["image_id"], ann["category_id"] = float(ann["image_id"]), float(ann["category_id"])
+    _write_json(path, gt)
+    people = sorted({int(a["image_id"]) for a in gt["annotations"] if not a["iscrowd"]})
+    detected = [a for a in gt["annotations"] if int(a["image_id"]) == people[0] and not a["iscrowd"]]
+    det_file = tmp_path / "dets.json"
+    _write_json(det_file, [{"image_id": people[0], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+                           for a in detected])
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], detections=str(det_file), workers=1,
+                          progress=False)
+    subset = json.loads((out / "64x48" / "annotations.json").read_text())
+    assert len(people) > 1 and [i["id"] for i in subset["images"]] == people
+    assert {a["image_id"] for a in subset["annotations"]} == set(people)
+
+
 def test_cli_runs_the_stage(coco_mini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from cal_core.cli import main

@@ -101,11 +101,16 @@ class Skip:
 
 @dataclass
 class SplitPlan:
-    """The work for one split: image tasks (sorted by image id), skips and rule exclusions."""
+    """The work for one split: image tasks (sorted by image id), skips and rule exclusions.
+
+    ``gt_images``: the images with a kept ground-truth person, whatever the
+    box source (with detections, those without one still go to pycocotools).
+    """
 
     tasks: list[ImageTask]
     skipped: list[Skip] = field(default_factory=list)
     excluded: Counter = field(default_factory=Counter)
+    gt_images: set[int] = field(default_factory=set)
 
 
 def annotation_uri(coco_root: str, split: str) -> str:
@@ -411,9 +416,10 @@ def plan_split(
     person = person_category_id(coco)
     if detections is None:
         per_image = _gt_candidates(coco, split, images, plan, person)
+        plan.gt_images = set(per_image)
     else:  # the GT still goes to annotations.json for pycocotools: its broken records are skipped too
         gt_check = SplitPlan(tasks=[])
-        _gt_candidates(coco, split, images, gt_check, person)
+        plan.gt_images = set(_gt_candidates(coco, split, images, gt_check, person))
         plan.skipped += gt_check.skipped
         per_image = _det_candidates(detections, det_score_thr, images, plan, person)
     for image_id in sorted(per_image):

@@ -380,23 +380,15 @@ def _images_replaced(skipped: list[dict[str, Any]], image_root: str) -> list[str
     return replaced
 
 
-def _kept_images(gt: dict[str, Any], tasks: list[coco.ImageTask], image_skips: list[dict[str, Any]],
-                 detections: bool) -> set[int]:
+def _kept_images(plan: coco.SplitPlan, image_skips: list[dict[str, Any]]) -> set[int]:
     """Images whose ground truth goes to annotations.json.
 
-    Those with at least one row; with detections also every image with a
-    non-crowd GT person but no detection, so missed people count against AP.
+    Those with at least one row, plus (with detections as the box source)
+    every image with a kept GT person but no detection, so missed people
+    count against AP.
     """
-    failed = {s["image_id"] for s in image_skips}
-    kept = {t.image_id for t in tasks} - failed
-    if detections:
-        tasked = {t.image_id for t in tasks}
-        known = {img.get("id") for img in gt["images"] if isinstance(img, dict)}
-        person = coco.person_category_id(gt)
-        kept |= {a.get("image_id") for a in gt["annotations"] if isinstance(a, dict)
-                 and a.get("category_id") == person and not a.get("iscrowd", 0)
-                 and a.get("image_id") in known and a.get("image_id") not in tasked}
-    return kept
+    tasked = {t.image_id for t in plan.tasks}
+    return (tasked - {s["image_id"] for s in image_skips}) | (plan.gt_images - tasked)
 
 
 def _nothing_kept(where: str, skipped: list[dict[str, Any]], excluded: Counter) -> DownsampleError:
@@ -406,14 +398,14 @@ def _nothing_kept(where: str, skipped: list[dict[str, Any]], excluded: Counter) 
                            f"{dict(sorted(excluded.items()))} (the manifest of a run lists each skipped record)")
 
 
-def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan, detections: bool) -> None:
+def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan) -> None:
     """Last shard, annotations.json, then the manifest; drop the journal and stale files."""
     if writer.buffered:
         writer.flush(None)
     if not any(e["rows"] for e in writer.outputs[0].shards):
         raise _nothing_kept(writer.header[writer.outputs[0].size]["source"]["images"],
                             writer.plan_skips + writer.image_skips, plan.excluded)
-    kept = _kept_images(gt, plan.tasks, writer.image_skips, detections)
+    kept = _kept_images(plan, writer.image_skips)
     # a duplicate's id is also its kept first record's: only the other skips leave the GT
     drop = {s.ann_id for s in plan.skipped if s.ann_id >= 0 and s.reason != coco.DUPLICATE_ID}
     annotations = shards.json_bytes(coco.gt_subset(gt, kept, drop), compact=True)
@@ -498,7 +490,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
         storage.delete(storage.join(o.uri, shards.MANIFEST))
     writer = _Writer(outputs, header, shard_size, [s.to_dict() for s in plan.skipped], restored, point)
     _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
-    _finish(writer, gt, plan, detections is not None)
+    _finish(writer, gt, plan)
     return _report(outputs, [_previous(o.uri, header[o.size]) for o in outputs], already_complete=False)
 
 
