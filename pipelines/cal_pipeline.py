@@ -50,6 +50,14 @@ ACCELERATOR = os.environ.get("CAL_POSE_ACCELERATOR", "nvidia.com/gpu")
 IMAGE_PULL_SECRETS = [n.strip() for n in os.environ.get("CAL_POSE_IMAGE_PULL_SECRETS", "").split(",") if n.strip()]
 #: Retries of a training task (each resumes from the last checkpoint).
 TRAIN_RETRIES = 3
+#: ConfigMap with a PEM CA bundle (key ``ca.crt``) that every task trusts for HTTPS to S3 and MLflow, for
+#: endpoints whose certificates a private CA signed (empty: the images' default trust store). The bundle
+#: replaces that store, so it must also hold any public CA the tasks need.
+CA_CONFIG_MAP = os.environ.get("CAL_POSE_CA_CONFIG_MAP", "").strip()
+CA_MOUNT = "/etc/cal-pose/ca"
+#: Variables that point the tasks' TLS clients at the bundle: OpenSSL's default store (Python's ``ssl``,
+#: so the minio client) and ``requests`` (MLflow's client).
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
 def _json_setting(name: str, default: str, kind: type) -> Any:
@@ -103,11 +111,19 @@ TASK_TIMEOUT_S = int(os.environ.get("CAL_POSE_TASK_TIMEOUT_S", str(12 * 3600)))
 
 
 def _environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Endpoints (and S3 region) from the ConfigMap, S3 keys from their Secret, optional MLflow login from its Secret."""
+    """Endpoints (and S3 region) from the ConfigMap, S3 keys from their Secret, optional MLflow login from its Secret.
+
+    With ``CAL_POSE_CA_CONFIG_MAP`` also the CA bundle, mounted read-only, and the variables that make
+    the task's TLS clients trust it.
+    """
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_KEYS)
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, OPTIONAL_CONFIG_KEYS, optional=True)
     kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS)
     kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS, optional=True)
+    if CA_CONFIG_MAP:
+        kubernetes.use_config_map_as_volume(task, CA_CONFIG_MAP, mount_path=CA_MOUNT)
+        for name in CA_ENV:
+            task.set_env_variable(name, f"{CA_MOUNT}/ca.crt")
     return task
 
 

@@ -149,6 +149,17 @@ def test_mlflow_is_database_backed_with_s3_artifacts(values):
     assert "kind: StatefulSet" in (CHART / "templates" / "postgresql.yaml").read_text()
 
 
+def test_a_private_ca_bundle_reaches_the_tasks_and_the_mlflow_server(values):
+    """pipelineEnv.caConfigMap: compiled into the tasks (setup Job) and mounted where the pipeline expects it."""
+    assert values["pipelineEnv"]["caConfigMap"] == ""  # off by default: the images' trust store
+    job = (CHART / "templates" / "pipeline-job.yaml").read_text()
+    assert "- name: CAL_POSE_CA_CONFIG_MAP\n              value: {{ .Values.pipelineEnv.caConfigMap | quote }}" in job
+    mlflow = (CHART / "templates" / "mlflow.yaml").read_text()
+    assert f"mountPath: {cal_pipeline.CA_MOUNT}\n" in mlflow
+    assert f"- name: AWS_CA_BUNDLE\n              value: {cal_pipeline.CA_MOUNT}/ca.crt" in mlflow  # boto3
+    assert mlflow.count("with .Values.pipelineEnv.caConfigMap") == 3  # env, mount, volume
+
+
 @pytest.mark.skipif(shutil.which("helm") is None, reason="helm is not installed")
 def test_helm_lint_and_template():
     flags = ["--set", "s3.accessKeyId=test-id", "--set", "s3.secretAccessKey=test-key"]

@@ -153,6 +153,22 @@ def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, sp
         assert platform[label].get("activeDeadlineSeconds") == deadline, name
 
 
+def test_a_private_ca_bundle_is_mounted_into_every_task(tmp_path, spec):
+    """CAL_POSE_CA_CONFIG_MAP: every task mounts the bundle and points its TLS clients at it (tests/test_tls.py)."""
+    docs = list(yaml.safe_load_all(_compile(tmp_path, CAL_POSE_CA_CONFIG_MAP="corp-ca").read_text()))
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    bundle = f"{cal_pipeline.CA_MOUNT}/ca.crt"
+    for label, executor in docs[0]["deploymentSpec"]["executors"].items():
+        volumes = platform[label]["configMapAsVolume"]
+        assert [(v["configMapName"], v["mountPath"]) for v in volumes] == [("corp-ca", cal_pipeline.CA_MOUNT)]
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        assert {name: env.get(name) for name in cal_pipeline.CA_ENV} == dict.fromkeys(cal_pipeline.CA_ENV, bundle)
+    assert set(cal_pipeline.CA_ENV) == {"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"}
+    default = spec["deploymentSpec"]["executors"].values()
+    assert not [c for c in _platform().values() if "configMapAsVolume" in c]
+    assert not [e for e in default if set(cal_pipeline.CA_ENV) & {v["name"] for v in e["container"].get("env", [])}]
+
+
 @pytest.mark.parametrize(("env", "error"), [
     ({"CAL_POSE_GPU_TOLERATIONS": "[{key: x}]"}, "CAL_POSE_GPU_TOLERATIONS must be JSON (list)"),
     ({"CAL_POSE_GPU_NODE_SELECTOR": '["pool", "h100"]'}, "CAL_POSE_GPU_NODE_SELECTOR must be a JSON dict"),
