@@ -39,12 +39,20 @@ and journal writes; they take ~70 ms even after this stop's trimming
 (orjson, closed-form affines, simplejpeg's lighter decode call). Going
 further needs a region decode (libjpeg-turbo's cropping region / skipped
 scanlines: no inverse DCT outside the crops, no entropy decoding below the
-lowest one), which no wheel we can install exposes (PyTurboJPEG needs the
-system libturbojpeg), and it would not reach 3x either: a throwaway C
-program on this machine's libjpeg-turbo 2.1.5 (``jpeg_crop_scanline`` to
-the crops' columns, ``jpeg_skip_scanlines`` to their top row, abort after
-their bottom row) decoded the same 67 images at the same scales in 15-18%
-less CPU than full decodes (e.g. 148 -> 122 ms a pass): ~20 ms, ~2.65x.
+lowest one), and it would not reach 3x either: a throwaway C program on
+this machine's libjpeg-turbo 2.1.5 (``jpeg_crop_scanline`` to the crops'
+columns, ``jpeg_skip_scanlines`` to their top row, abort after their bottom
+row) decoded the same 67 images at the same scales in 15-18% less CPU than
+full decodes (e.g. 148 -> 122 ms a pass): ~20 ms, ~2.65x. Tried in the
+stage itself (2026-11-25, not kept): TurboJPEG 3's ``tj3SetCroppingRegion``
+through ctypes, over the union of an image's crop regions, gave the same
+pixels as a whole decode (2544 random regions at all four DCT scales on
+coco-mini) and cut a pass from 244 to 227 ms CPU at 64x48 and from 304 to
+275 ms at 128x96 (best of 7, interleaved): 7% and 9%. The only TurboJPEG 3
+we can install is a libjpeg-turbo 3.0 beta (2.1.92, 2023) inside the
+single-maintainer ``turbojpeg`` 0.0.2 wheel (PyTurboJPEG needs the system
+library; Debian ships 2.1, without the cropping API), and a pre-release
+decoder binary in front of every JPEG users bring is not worth 7%.
 
     .venv/bin/python -m benchmarks.downsample [--quick] [--coco PATH] [--sizes 64x48,128x96]
 """
