@@ -12,7 +12,8 @@ tasks whose DataLoader workers pass batches through shared memory (a pod's
 default is 64 MiB), retries for training (which resumes), caching for
 downsampling, image pull Secrets, and the environment from Kubernetes: S3 and
 MLflow credentials from Secrets, endpoints from a ConfigMap (names below; the
-Helm chart in charts/cal-pose creates them). No credential is ever a
+Helm chart in charts/cal-pose creates them), optionally a private CA bundle
+from another ConfigMap. No credential is ever a
 parameter. Compile-time settings come from the environment (the chart's setup
 Job sets them from its values).
 """
