@@ -36,12 +36,14 @@ from typing import Any
 from cal_core import tracking
 from cal_core.uris import is_remote
 from components import images
-from pipelines import container_runner, run_local
+from pipelines import cal_pipeline, container_runner, run_local
 
-#: Environment copied into every stage container (when set here): tracking, S3, and the parent run.
-PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", tracking.PARENT_ENV, tracking.TRACKING_SWITCH_ENV,
-            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", *run_local.THREAD_ENV)
+#: Environment copied into every stage container (when set here): what a cluster task gets from the
+#: pipeline's ConfigMap and Secrets (endpoints, S3 region and keys, MLflow login or token), the
+#: experiment, the parent run, the tracking switch and the thread-pool sizes.
+PASS_ENV = (*cal_pipeline.CONFIG_KEYS.values(), *cal_pipeline.OPTIONAL_CONFIG_KEYS.values(),
+            *cal_pipeline.S3_KEYS.values(), *cal_pipeline.MLFLOW_KEYS.values(), "MLFLOW_EXPERIMENT_NAME",
+            tracking.PARENT_ENV, tracking.TRACKING_SWITCH_ENV, *run_local.THREAD_ENV)
 
 
 def missing_images(client: Any) -> list[str]:
