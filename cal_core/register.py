@@ -5,7 +5,9 @@ method as tags. Alias ``champion`` moves to it only when its AP beats the
 current champion's AP *on the same validation set* (tag ``val_digest``) *at
 the same input size* (tag ``input_size``: a deployment loading
 ``@champion`` must not get another input shape), or when there is no
-champion yet; otherwise it gets alias ``challenger``.
+champion yet; otherwise it gets alias ``challenger``. Read-then-write:
+MLflow has no compare-and-set, so of two registrations at the same moment
+the later write wins (docs/cluster.md).
 """
 
 from __future__ import annotations
