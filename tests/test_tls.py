@@ -117,6 +117,7 @@ def test_mlflow_client_trusts_the_mounted_ca_bundle(https_server: tuple[str, Pat
 
     url, bundle = https_server
     creds = MlflowHostCreds(url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # requests would send loopback through an HTTPS_PROXY
     _trust(monkeypatch, None)
     with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
         http_request(creds, "/api/2.0/mlflow/experiments/get-by-name", "GET", max_retries=0, timeout=10)
