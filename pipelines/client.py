@@ -22,6 +22,9 @@ import yaml
 
 from pipelines.compile import DEFAULT_OUTPUT
 
+#: Where the CA bundle for an HTTPS KFP host comes from, in order: our own variable, then the ones
+#: requests and OpenSSL honour.
+CA_ENV = ("KFP_SSL_CA_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 TOKEN_ENV = "KFP_EXISTING_TOKEN"
 #: kfp's own variable for the projected service-account token file, and kfp's default path.
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -119,10 +122,19 @@ def _integer(value: str) -> int:
 
 
 def connect(host: str, namespace: str = "kubeflow") -> Any:
-    """A ``kfp.Client`` for ``host``, authenticated as :func:`credentials` says."""
+    """A ``kfp.Client`` for ``host``, authenticated as :func:`credentials` says, trusting :func:`ca_bundle`."""
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace, **credentials())
+    return kfp.Client(host=host, namespace=namespace, ssl_ca_cert=ca_bundle(), **credentials())
+
+
+def ca_bundle() -> str | None:
+    """The PEM CA bundle an ``https://`` KFP host is verified with: the first of :data:`CA_ENV` that is set.
+
+    kfp's client reads none of the usual variables (it verifies with certifi's bundle), so a
+    Kubeflow behind a private CA would fail verification where MLflow and S3 clients pass.
+    """
+    return next((os.environ[name] for name in CA_ENV if os.environ.get(name)), None)
 
 
 def credentials() -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Endpoints behind a private CA: the variables the pipeline sets (``CAL_POSE_CA_CONFIG_MAP``) make the
-S3 client and MLflow's client trust the bundle, and nothing else does.
+S3 client and MLflow's client trust the bundle, and nothing else does; ``cal-pose pipeline`` commands
+hand the bundle to kfp's client, which reads no such variable itself.
 
-A throwaway CA signs a certificate for 127.0.0.1; an HTTPS server on loopback answers every request
-with 404, which each client reports as "not there" only once the TLS handshake has succeeded.
+A throwaway CA signs a certificate for 127.0.0.1; an HTTPS server on loopback answers KFP's health
+check and 404 to everything else, which each client reports as "not there" only once the TLS
+handshake has succeeded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cal_core import storage
+from pipelines import client
 from pipelines.cal_pipeline import CA_ENV
 
 
@@ -52,12 +55,16 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[st
 
 
 class _NotFound(http.server.BaseHTTPRequestHandler):
-    """404 with an empty body for every method (S3 HEAD and MLflow GET alike)."""
+    """404 with an empty body for every request (S3 HEAD and MLflow GET alike), except KFP's health check."""
 
     def _answer(self) -> None:
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
+        healthy = self.command == "GET" and self.path.startswith("/apis/v2beta1/healthz")
+        body = b'{"multi_user": false}' if healthy else b""
+        self.send_response(200 if healthy else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     do_GET = do_HEAD = do_PUT = do_POST = _answer
 
@@ -124,3 +131,18 @@ def test_mlflow_client_trusts_the_mounted_ca_bundle(https_server: tuple[str, Pat
     _trust(monkeypatch, bundle)
     response = http_request(creds, "/api/2.0/mlflow/experiments/get-by-name", "GET", max_retries=0, timeout=10)
     assert response.status_code == 404
+
+
+def test_kfp_client_trusts_the_ca_bundle_from_the_environment(https_server: tuple[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    url, bundle = https_server
+    for name in client.CA_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(client.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(client.SA_TOKEN_PATH_ENV, str(bundle.parent / "no-token"))
+    with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+        client.connect(url)
+    for name in client.CA_ENV:  # each variable alone is enough
+        monkeypatch.setenv(name, str(bundle))
+        assert client.connect(url).get_kfp_healthz().multi_user is False
+        monkeypatch.delenv(name)
