@@ -34,10 +34,15 @@ def _compile(tmp_path: Path, **env: str) -> Path:
     return out
 
 
+def _spec(package: Path = DEFAULT_OUTPUT) -> dict:
+    """The pipeline spec (the compiled file's first YAML document)."""
+    return next(yaml.safe_load_all(package.read_text()))
+
+
 @pytest.fixture(scope="module")
 def spec() -> dict:
-    """The committed, compiled pipeline (first YAML document: the pipeline spec)."""
-    return next(yaml.safe_load_all(DEFAULT_OUTPUT.read_text()))
+    """The committed, compiled pipeline spec."""
+    return _spec()
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -52,9 +57,9 @@ def _executor(spec: dict, task: dict) -> dict:
     return spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
 
 
-def _platform() -> dict:
-    """Kubernetes platform config per executor label (second YAML document)."""
-    docs = list(yaml.safe_load_all(DEFAULT_OUTPUT.read_text()))
+def _platform(package: Path = DEFAULT_OUTPUT) -> dict:
+    """Kubernetes platform config per executor label (the compiled file's second YAML document)."""
+    docs = list(yaml.safe_load_all(package.read_text()))
     assert len(docs) == 2, "expected the pipeline spec and its Kubernetes platform spec"
     return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
@@ -120,11 +125,10 @@ def test_training_pods_get_shared_memory_for_loader_workers(spec):
 
 
 def test_cpu_only_and_pull_secrets_are_compile_time_settings(tmp_path):
-    custom = list(yaml.safe_load_all(_compile(tmp_path, CAL_POSE_ACCELERATOR="none",
-                                              CAL_POSE_IMAGE_PULL_SECRETS="regcred, other").read_text()))
-    executors = custom[0]["deploymentSpec"]["executors"]
+    package = _compile(tmp_path, CAL_POSE_ACCELERATOR="none", CAL_POSE_IMAGE_PULL_SECRETS="regcred, other")
+    executors = _spec(package)["deploymentSpec"]["executors"]
     assert not [label for label, e in executors.items() if "accelerator" in e["container"].get("resources", {})]
-    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    platform = _platform(package)
     assert set(platform) == set(executors)
     for config in platform.values():
         assert [s["secretName"] for s in config["imagePullSecret"]] == ["regcred", "other"]
@@ -141,10 +145,9 @@ def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, sp
         assert int(default[label]["activeDeadlineSeconds"]) == want > 0, name
         assert "tolerations" not in default[label] and "nodeSelector" not in default[label], name
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-    custom = list(yaml.safe_load_all(_compile(
+    platform = _platform(_compile(
         tmp_path, CAL_POSE_GPU_TOLERATIONS=json.dumps([toleration]), CAL_POSE_GPU_NODE_SELECTOR='{"pool": "h100"}',
-        CAL_POSE_TRAIN_TIMEOUT_S="7200", CAL_POSE_TASK_TIMEOUT_S="0").read_text()))
-    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        CAL_POSE_TRAIN_TIMEOUT_S="7200", CAL_POSE_TASK_TIMEOUT_S="0"))
     for name, label in labels.items():
         gpu = name in (*TRAINING, "fit-gmm")
         assert platform[label].get("tolerations") == ([toleration] if gpu else None), name
@@ -155,10 +158,10 @@ def test_task_deadlines_and_gpu_placement_are_compile_time_settings(tmp_path, sp
 
 def test_a_private_ca_bundle_is_mounted_into_every_task(tmp_path, spec):
     """CAL_POSE_CA_CONFIG_MAP: every task mounts the bundle and points its TLS clients at it (tests/test_tls.py)."""
-    docs = list(yaml.safe_load_all(_compile(tmp_path, CAL_POSE_CA_CONFIG_MAP="corp-ca").read_text()))
-    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    package = _compile(tmp_path, CAL_POSE_CA_CONFIG_MAP="corp-ca")
+    platform = _platform(package)
     bundle = f"{cal_pipeline.CA_MOUNT}/ca.crt"
-    for label, executor in docs[0]["deploymentSpec"]["executors"].items():
+    for label, executor in _spec(package)["deploymentSpec"]["executors"].items():
         volumes = platform[label]["configMapAsVolume"]
         assert [(v["configMapName"], v["mountPath"]) for v in volumes] == [("corp-ca", cal_pipeline.CA_MOUNT)]
         env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
@@ -184,10 +187,8 @@ def test_bad_gpu_placement_settings_fail_the_compile_naming_the_variable(tmp_pat
 
 def test_node_selector_values_are_written_as_kubernetes_labels(tmp_path):
     """JSON true must become the label text "true" (GPU Feature Discovery's), not Python's "True"."""
-    custom = list(yaml.safe_load_all(_compile(
-        tmp_path, CAL_POSE_GPU_NODE_SELECTOR='{"nvidia.com/gpu.present": true, "gpus": 8, "pool": "h100"}')
-        .read_text()))
-    platform = custom[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    platform = _platform(_compile(
+        tmp_path, CAL_POSE_GPU_NODE_SELECTOR='{"nvidia.com/gpu.present": true, "gpus": 8, "pool": "h100"}'))
     labels = platform["exec-train-stage1"]["nodeSelector"]["labels"]
     assert labels == {"nvidia.com/gpu.present": "true", "gpus": "8", "pool": "h100"}
 
