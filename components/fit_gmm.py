@@ -2,7 +2,8 @@
 
 Only CAL uses the GMM; for other methods the task writes a ``gmm.json``
 saying it was skipped (the DAG is the same for every method because
-kfp.local does not evaluate ``dsl.If``).
+kfp.local cannot merge ``dsl.If`` branches: ``dsl.OneOf`` raises
+NotImplementedError in local runs).
 """
 
 from kfp import dsl

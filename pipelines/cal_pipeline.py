@@ -1,8 +1,10 @@
 """The cal-pose DAG (DESIGN.md §3): downsample -> train stage 1 -> fit GMM -> train stage 2 -> export -> evaluate -> register.
 
 The DAG is plain on purpose - no ``dsl.If`` or ``dsl.ParallelFor`` - because
-kfp.local 2.16 does not evaluate conditions and fails on loops, and the same
-pipeline must run locally (``make run``) and in a cluster. For methods other
+the same pipeline must run locally (``make run``) and in a cluster, and
+kfp.local 2.16 can skip a branch but not merge two: export would need
+``dsl.OneOf(stage 1's model, stage 2's)``, which raises NotImplementedError
+in local runs. For methods other
 than ``cal`` the fit-GMM and stage-2 tasks pass through (see components/).
 
 Cluster settings live on the tasks and are ignored by kfp.local: GPU
