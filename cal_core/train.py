@@ -514,20 +514,28 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
         if s.val_pending and s.ctx.is_main:
             metrics.update(validate(s))
         s.val_pending = False
-        log.info("epoch %d/%d%s: %s", s.epoch + (0 if finished else 1), s.config.epochs,
-                 "" if finished else f" (stopped after batch {s.epoch_step})", _metrics_text(metrics))
-        if tracker is not None:
-            tracker.log_metrics({**metrics, "epoch": s.epoch + s.epoch_step / batches}, step=s.step)
+        label = f"{s.epoch}/{s.config.epochs}" if finished else \
+            f"{s.epoch + 1}/{s.config.epochs} (stopped after batch {s.epoch_step})"
+        _report_epoch(s, tracker, metrics, s.epoch + s.epoch_step / batches, label)
 
 
 def _pending_validation(s: Session, tracker: tracking.Tracker | None) -> None:
     """Validate the restored epoch (rank 0) and log it at its step, so no val point (nor the last) goes missing."""
     if s.ctx.is_main:
-        metrics = validate(s)
-        log.info("epoch %d/%d (validation after resume): %s", s.epoch, s.config.epochs, _metrics_text(metrics))
-        if tracker is not None:
-            tracker.log_metrics({**metrics, "epoch": float(s.epoch)}, step=s.step)
+        _report_epoch(s, tracker, validate(s), float(s.epoch),
+                      f"{s.epoch}/{s.config.epochs} (validation after resume)")
     s.val_pending = False
+
+
+def _report_epoch(s: Session, tracker: tracking.Tracker | None, metrics: dict[str, float], epoch: float,
+                  label: str) -> None:
+    """Log ``epoch <label>: <metrics>`` and send the metrics to MLflow at the current step.
+
+    ``epoch`` is the (fractional, for a partial epoch) epoch logged with them.
+    """
+    log.info("epoch %s: %s", label, _metrics_text(metrics))
+    if tracker is not None:
+        tracker.log_metrics({**metrics, "epoch": epoch}, step=s.step)
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
