@@ -24,7 +24,7 @@ from pipelines.compile import DEFAULT_OUTPUT
 
 #: Where the CA bundle for an HTTPS KFP host comes from, in order: our own variable, then the ones
 #: requests and OpenSSL honour.
-CA_ENV = ("KFP_SSL_CA_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+KFP_CA_SOURCES = ("KFP_SSL_CA_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 TOKEN_ENV = "KFP_EXISTING_TOKEN"
 #: kfp's own variable for the projected service-account token file, and kfp's default path.
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -129,12 +129,12 @@ def connect(host: str, namespace: str = "kubeflow") -> Any:
 
 
 def ca_bundle() -> str | None:
-    """The PEM CA bundle an ``https://`` KFP host is verified with: the first of :data:`CA_ENV` that is set.
+    """The PEM CA bundle an ``https://`` KFP host is verified with: the first of :data:`KFP_CA_SOURCES` that is set.
 
     kfp's client reads none of the usual variables (it verifies with certifi's bundle), so a
     Kubeflow behind a private CA would fail verification where MLflow and S3 clients pass.
     """
-    return next((os.environ[name] for name in CA_ENV if os.environ.get(name)), None)
+    return next((os.environ[name] for name in KFP_CA_SOURCES if os.environ.get(name)), None)
 
 
 def credentials() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import yaml
 
 from pipelines import cal_pipeline, client
 from pipelines.compile import DEFAULT_OUTPUT
+from tests import http_stub
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"downsample", "train-stage1", "fit-gmm", "train-stage2", "export-onnx", "evaluate", "register"}
@@ -344,31 +345,6 @@ def test_bad_cron_fails_before_anything_is_deleted():
     assert fake.calls == []
 
 
-def _healthz_server():
-    """A local endpoint answering KFP's health check and recording each request's Authorization header."""
-    import http.server
-    import threading
-
-    seen: list[str | None] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            seen.append(self.headers.get("Authorization"))
-            body = b'{"multi_user": false}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, seen
-
-
 @pytest.mark.parametrize("source", ["token-file", "env-token", "none"])
 def test_connect_sends_the_token_kfp_client_would_not_find_itself(source, tmp_path, monkeypatch):
     """With a host given, kfp.Client ignores the projected service-account token: connect() passes it."""
@@ -378,11 +354,8 @@ def test_connect_sends_the_token_kfp_client_would_not_find_itself(source, tmp_pa
     monkeypatch.setenv(client.SA_TOKEN_PATH_ENV, str(token_file if source == "token-file" else tmp_path / "absent"))
     if source == "env-token":
         monkeypatch.setenv(client.TOKEN_ENV, "user-token")
-    server, seen = _healthz_server()
-    try:
-        client.connect(f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
+    with http_stub.serve() as (url, seen):
+        client.connect(url)
     expected = {"token-file": "Bearer sa-token-1", "env-token": "Bearer user-token", "none": None}[source]
     assert seen and seen[-1] == expected
 

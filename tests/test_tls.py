@@ -10,10 +10,8 @@ handshake has succeeded.
 from __future__ import annotations
 
 import datetime
-import http.server
 import ipaddress
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from cal_core import storage
 from pipelines import client
 from pipelines.cal_pipeline import CA_ENV
+from tests import http_stub
 
 
 def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
@@ -54,24 +53,6 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[st
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-class _NotFound(http.server.BaseHTTPRequestHandler):
-    """404 with an empty body for every request (S3 HEAD and MLflow GET alike), except KFP's health check."""
-
-    def _answer(self) -> None:
-        healthy = self.command == "GET" and self.path.startswith("/apis/v2beta1/healthz")
-        body = b'{"multi_user": false}' if healthy else b""
-        self.send_response(200 if healthy else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_HEAD = do_PUT = do_POST = _answer
-
-    def log_message(self, *args: object) -> None:
-        """Quiet."""
-
-
 @pytest.fixture(scope="module")
 def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(``https://127.0.0.1:<port>``, path of the CA bundle that signed its certificate)."""
@@ -86,13 +67,8 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
                                              serialization.NoEncryption()))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(chain, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", bundle
-    server.shutdown()
-    server.server_close()
+    with http_stub.serve(context) as (url, _):
+        yield url, bundle
 
 
 def _trust(monkeypatch: pytest.MonkeyPatch, bundle: Path | None) -> None:
@@ -136,13 +112,13 @@ def test_mlflow_client_trusts_the_mounted_ca_bundle(https_server: tuple[str, Pat
 def test_kfp_client_trusts_the_ca_bundle_from_the_environment(https_server: tuple[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     url, bundle = https_server
-    for name in client.CA_ENV:
+    for name in client.KFP_CA_SOURCES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(client.TOKEN_ENV, raising=False)
     monkeypatch.setenv(client.SA_TOKEN_PATH_ENV, str(bundle.parent / "no-token"))
     with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
         client.connect(url)
-    for name in client.CA_ENV:  # each variable alone is enough
+    for name in client.KFP_CA_SOURCES:  # each variable alone is enough
         monkeypatch.setenv(name, str(bundle))
         assert client.connect(url).get_kfp_healthz().multi_user is False
         monkeypatch.delenv(name)
