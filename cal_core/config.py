@@ -20,6 +20,9 @@ METHODS = ("heatmap", "dark", "udp", "cal")
 MGM_UPDATES = ("static", "batch")
 STAGE2_TRAIN = ("all", "offset")
 DEVICES = ("auto", "cpu", "cuda")
+#: Offset-loss weight alpha of Eq. 8 (udp) and Eqs. 14/15 (cal): the authors' LOSS.OFFSET_WEIGHT = 0.7
+#: written in the equations' form (cal_core.losses explains the factor 2 of cal).
+DEFAULT_ALPHA = {"udp": 0.7, "cal": 1.4}
 
 #: Paper §5.2: 210 epochs, lr x0.1 at 170 and 200 (other epoch counts: the same shares, paper_lr_steps).
 STAGE1_EPOCHS = 210
@@ -49,7 +52,7 @@ class TrainConfig:
     lr_steps: tuple[int, ...] | None = None
     lr_factor: float = 0.1
     weight_decay: float = 0.0
-    alpha: float = 0.7
+    alpha: float | None = None  # None: the method's DEFAULT_ALPHA (stays None for heatmap/dark: no offsets)
     workers: int = 2
     init: str | None = None
     weights: str | None = None
@@ -83,6 +86,7 @@ class TrainConfig:
             self.lr = 1e-3 if self.lr is None else self.lr
             self.lr_steps = paper_lr_steps(self.epochs) if self.lr_steps is None else tuple(self.lr_steps)
         self.lr_steps = tuple(int(s) for s in self.lr_steps)
+        self.alpha = DEFAULT_ALPHA.get(self.method) if self.alpha is None else self.alpha
         self.validate()
 
     def validate(self) -> None:
@@ -100,6 +104,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.alpha is None or self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),

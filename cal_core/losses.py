@@ -13,8 +13,13 @@ term is reduced over its map, and why:
   their term is multiplied by the weight. The denominator stays ``N*K`` as in the
   paper and the authors' code (a weight-0 joint counts as a zero term), so the loss
   scale does not jump with the number of labelled joints in a batch.
-- The authors multiply their L2 term by 0.5; the paper's equations do not. We follow
-  the equations. The factor only rescales the whole objective, which Adam ignores.
+- The authors multiply their L2 heatmap term by 0.5; the paper's equations do not.
+  We follow the equations and carry the factor into ``alpha`` (:data:`DEFAULT_ALPHA`).
+  Their UDP loss halves both terms (``0.5 * MSE + 0.7 * 0.5 * SmoothL1``), which
+  is ``alpha = 0.7`` in Eq. 8's form; their CAL loss (the version with the MGM)
+  halves only the heatmap term (``0.5 * L2 + 0.7 * L1``), which is ``alpha = 1.4``
+  in Eqs. 14/15's form. A common factor of the whole objective is what Adam
+  ignores, so only the ratio of the two terms matters, and that ratio is kept.
 
 Eq. 8 names a cross-entropy on the binary disk B. With one sigmoid unit per pixel
 the cross-entropy of a binary target is the per-pixel binary cross-entropy, so the
@@ -34,8 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-#: Offset-loss weight alpha of Eqs. 8, 14 and 15 (authors' LOSS.OFFSET_WEIGHT = 0.7).
-DEFAULT_ALPHA = 0.7
+from cal_core.config import DEFAULT_ALPHA
 
 METHODS = ("heatmap", "dark", "udp", "cal")
 
@@ -145,11 +149,12 @@ def _cal_method(alpha: float, stage: int) -> LossFn:
     return loss
 
 
-def build_loss(method: str, stage: int = 1, alpha: float = DEFAULT_ALPHA) -> LossFn:
+def build_loss(method: str, stage: int = 1, alpha: float | None = None) -> LossFn:
     """Return ``loss(outputs, targets, weights, mgm=None) -> (total, terms)`` for ``method``.
 
     ``outputs``/``targets`` are the dicts of the model and the codec (see
-    docs/architecture.md); ``weights`` is (N, K). ``stage`` only matters for ``cal``.
+    docs/architecture.md); ``weights`` is (N, K). ``stage`` only matters for ``cal``;
+    ``alpha`` (offset methods) defaults to the method's :data:`DEFAULT_ALPHA`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -159,6 +164,7 @@ def build_loss(method: str, stage: int = 1, alpha: float = DEFAULT_ALPHA) -> Los
         raise ValueError(f"stage 2 (Eq. 15) exists only for method 'cal', not {method!r}")
     if method in ("heatmap", "dark"):
         return _heatmap_method()
+    alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
     if method == "udp":
         return _udp_method(alpha)
     return _cal_method(alpha, stage)

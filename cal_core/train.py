@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr-steps", default=None, help="epochs where lr is multiplied by 0.1, e.g. 170,200 ('' = none; "
         "default/'auto': stage 1 at the paper's 170/210 and 200/210 of --epochs, stage 2 none)")
     add("--weight-decay", type=float, default=0.0)
-    add("--alpha", type=float, default=0.7, help="offset loss weight of Eqs. 8, 14, 15")
+    add("--alpha", type=float, default=None,
+        help="offset loss weight of Eqs. 8, 14, 15 (default: the authors' balance, udp 0.7, cal 1.4)")
     add("--workers", type=int, default=2, help="data loader worker processes")
     add("--out", required=True, help="run folder (local or s3://): last.pt, model.pt")
     add("--init", default=None, help="checkpoint to start from (stage 2: the stage-1 model.pt)")

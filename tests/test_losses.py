@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ def t(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def test_default_alpha_is_the_authors_offset_weight():
-    assert DEFAULT_ALPHA == 0.7
+def test_default_alpha_is_the_authors_offset_weight_in_the_equations_form():
+    # udp: 0.5 * MSE + 0.7 * 0.5 * SmoothL1 -> 0.7; cal: 0.5 * L2 + 0.7 * L1 -> 1.4 (halved heatmap term).
+    assert DEFAULT_ALPHA == {"udp": 0.7, "cal": 1.4}
 
 
 def test_eq3_mse_by_hand():
@@ -57,24 +59,42 @@ def _cal_example():
 
 def test_eq14_cal_stage1_by_hand():
     # L1 weighted by G: x: 1*1 + 0.5*2 = 2, y: 0 + 0.5*1 = 0.5; mean over 4 values = 0.625.
-    # Eq. 14: 0.02 + 0.7 * 0.625 = 0.4575.
+    # Eq. 14: 0.02 + 1.4 * 0.625 = 0.895.
     outputs, targets = _cal_example()
     total, terms = build_loss("cal", stage=1)(outputs, targets, t([[1.0]]))
     assert terms["heatmap"].item() == pytest.approx(0.02, abs=1e-7)
     assert terms["offset"].item() == pytest.approx(0.625, abs=1e-7)
-    assert total.item() == pytest.approx(0.4575, abs=1e-6)
+    assert total.item() == pytest.approx(0.895, abs=1e-6)
 
 
 def test_eq15_cal_stage2_by_hand():
     # MGM m = [0.25, 1]: x: 0.25*1 + 1*2 = 2.25, y: 0 + 1*1 = 1; mean over 4 = 0.8125.
-    # Eq. 15: 0.02 + 0.7 * 0.8125 = 0.58875; with alpha 2: 0.02 + 1.625 = 1.645.
+    # Eq. 15: 0.02 + 1.4 * 0.8125 = 1.1575; with alpha 2: 0.02 + 1.625 = 1.645.
     outputs, targets = _cal_example()
     mgm = t([[[[0.25, 1.0]]]])
     total, terms = build_loss("cal", stage=2)(outputs, targets, t([[1.0]]), mgm=mgm)
     assert terms["offset"].item() == pytest.approx(0.8125, abs=1e-7)
-    assert total.item() == pytest.approx(0.58875, abs=1e-6)
+    assert total.item() == pytest.approx(1.1575, abs=1e-6)
     total, _ = build_loss("cal", stage=2, alpha=2.0)(outputs, targets, t([[1.0]]), mgm=mgm)
     assert total.item() == pytest.approx(1.645, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_cal_default_alpha_keeps_the_authors_balance_of_the_two_terms(stage):
+    """Ours = 2 x the authors' CAL loss: (1/K) sum_k [0.5 MSE(G w) + 0.7 L1(O mask w)], means over (N, ...)."""
+    outputs, targets = _random_batch(seed=3)
+    weights = (torch.rand(3, 4, generator=torch.Generator().manual_seed(4)) > 0.3).float()
+    mask = torch.rand(3, 4, 5, 4, generator=torch.Generator().manual_seed(5)) if stage == 2 else targets["heatmap"]
+    total, _ = build_loss("cal", stage=stage)(outputs, targets, weights, mgm=mask if stage == 2 else None)
+    hm, off = outputs["heatmap"].detach().numpy(), outputs["offset"].detach().numpy()
+    g, o, w, m = (targets["heatmap"].numpy(), targets["offset"].numpy(), weights.numpy(), mask.numpy())
+    authors = 0.0
+    for k in range(4):
+        wk = w[:, k, None, None]
+        authors += 0.5 * np.mean((hm[:, k] * wk - g[:, k] * wk) ** 2)
+        masked = m[:, k, None] * wk[:, None]
+        authors += 0.7 * np.mean(np.abs(off[:, k] * masked - o[:, k] * masked))
+    assert total.item() == pytest.approx(2 * authors / 4, rel=1e-5)
 
 
 def _random_batch(n: int = 3, k: int = 4, h: int = 5, w: int = 4, seed: int = 0):
