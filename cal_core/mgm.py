@@ -12,8 +12,9 @@ Pipeline of one mini-batch (``batch_masks``):
 4. ``place_masks``: ``m(p) = norm(H(p - y))`` (Eq. 13, Alg. 1 line 8) for pixels p
    with ``|p - y| <= R``, 0 elsewhere.
 
-Sub-pixel shift. The authors' code pastes the integer template at the integer argmax
-of the target heatmap (a (2R+1)^2 square) and renormalises each map. We instead
+Sub-pixel shift. The authors' code pastes a fixed 7x7 template (offsets -3..3,
+whatever the radius R) at the integer argmax of the target heatmap and min-max
+renormalises each pasted map. We follow Alg. 1 instead (Z = [-R..R]^2) and
 evaluate H at the exact continuous offset ``p - y`` of every pixel: the same values
 as pasting the template when y lies on a pixel centre, and a true sub-pixel shift
 otherwise. The template's own min and max (over Z) normalise every mask, values are
