@@ -17,9 +17,10 @@ checked against :mod:`cal_core.geometry` by the tests.
 
 Self-check before anything is written as done: ``onnx.checker``, then
 onnxruntime vs torch on random inputs and (with ``--shards``) real crops:
-heatmaps/offsets within :data:`OUTPUT_TOL`, keypoints within
-:data:`KEYPOINT_TOL_PX`. A mismatch fails the stage with the numbers; they
-are in ``parity.json`` either way.
+heatmaps/offsets within :data:`OUTPUT_TOL` of their scale, keypoints within
+:data:`KEYPOINT_TOL_PX` where the argmax is not a tie (:func:`compare`). A
+mismatch fails the stage with the numbers; they are in ``parity.json``
+either way.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 OPSET = 18
 OUTPUT_TOL = 1e-4
 KEYPOINT_TOL_PX = 1e-3
+#: Relative float32 rounding slack between runtimes computing the same peak map (sigmoid, blur).
+ROUNDING_TOL = 1e-5
 RANDOM_BATCH = 4
 REAL_CROPS = 8
 
@@ -150,40 +153,52 @@ def ort_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _ambiguous_joints(heatmap: np.ndarray, tol: float) -> np.ndarray:
-    """(N, K) True where the top two heatmap values are within ``tol``: argmax may differ legitimately."""
-    flat = heatmap.reshape(*heatmap.shape[:2], -1)
-    top2 = np.sort(flat, axis=-1)[..., -2:]
-    return (top2[..., 1] - top2[..., 0]) <= tol
+def undecidable_joints(codec: Any, heatmap: torch.Tensor, tol: float) -> np.ndarray:
+    """(N, K) True where the top two values of the map the codec argmaxes differ by <= ``tol`` (relative, >= 1).
+
+    Measured on :meth:`~cal_core.codecs.base.Codec.peak_map`, not on the raw
+    heatmap: a confident udp net saturates the sigmoid at exactly 1.0, and the
+    blurred plateau then has exact ties the raw logits do not show. Which of
+    two tied pixels wins depends on float32 rounding, which differs between
+    runtimes, so no keypoint tolerance can hold such a joint.
+    """
+    flat = codec.peak_map(heatmap.float()).reshape(*heatmap.shape[:2], -1)
+    top2 = flat.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1] <= tol * top2[..., 0].abs().clamp(min=1.0)).numpy()
 
 
 def compare(raw: RawGraph, keypoints: KeypointGraph, raw_path: Path, kp_path: Path, x: torch.Tensor,
             label: str) -> dict[str, Any]:
     """Numbers of onnxruntime vs torch on ``x``: max |diff| per raw output, max keypoint px error.
 
-    Joints whose heatmap top-2 gap is within :data:`OUTPUT_TOL` are left out
-    of the keypoint comparison (counted in ``ambiguous_joints``): a 1e-4
-    heatmap agreement cannot decide their argmax.
+    Raw outputs must agree within :data:`OUTPUT_TOL` relative to their
+    largest magnitude (at least 1: float32 rounding grows with it). Joints
+    whose argmax the measured heatmap difference (or rounding,
+    :data:`ROUNDING_TOL`) can flip (:func:`undecidable_joints`) are left out
+    of the keypoint comparison and counted in ``undecidable_joints``: the
+    peak map (a sigmoid and a blur at most) moves by no more than the heatmap,
+    so a gap above twice that difference keeps its argmax.
     """
     with torch.no_grad():
         want_raw = [t.numpy() for t in raw(x)]
         want_kp = keypoints(x).numpy()
-        heat = infer.forward(raw.model, x, keypoints.flip)["heatmap"].numpy()
+        heat = infer.forward(raw.model, x, keypoints.flip)["heatmap"]
     feed = {"x": x.numpy()}
     got_raw = ort_session(raw_path).run(None, feed)
     got_kp = ort_session(kp_path).run(None, feed)[0]
     names = ["heatmap", "offset"][: len(want_raw)]
     row: dict[str, Any] = {"inputs": label, "batch": int(x.shape[0])}
+    close = []
     for name, want, got in zip(names, want_raw, got_raw, strict=True):
         row[f"{name}_max_abs_diff"] = float(np.abs(want - got).max())
         row[f"{name}_max_abs"] = float(np.abs(want).max())  # the scale the difference is measured against
-    clear = ~_ambiguous_joints(heat, OUTPUT_TOL)
+        close.append(row[f"{name}_max_abs_diff"] <= OUTPUT_TOL * max(1.0, row[f"{name}_max_abs"]))
+    clear = ~undecidable_joints(keypoints.codec, heat, 2 * row["heatmap_max_abs_diff"] + ROUNDING_TOL)
     xy_err = np.linalg.norm(want_kp[..., :2] - got_kp[..., :2], axis=-1)
     row["keypoint_max_px_diff"] = float(xy_err[clear].max()) if clear.any() else 0.0
     row["score_max_abs_diff"] = float(np.abs(want_kp[..., 2] - got_kp[..., 2]).max())
-    row["ambiguous_joints"] = int((~clear).sum())
-    row["ok"] = bool(max(row[f"{n}_max_abs_diff"] for n in names) <= OUTPUT_TOL
-                     and row["keypoint_max_px_diff"] <= KEYPOINT_TOL_PX
+    row["undecidable_joints"] = int((~clear).sum())
+    row["ok"] = bool(all(close) and row["keypoint_max_px_diff"] <= KEYPOINT_TOL_PX
                      and row["score_max_abs_diff"] <= OUTPUT_TOL)
     return row
 
@@ -286,7 +301,7 @@ def check_parity(model: nn.Module, config: dict[str, Any], out_dir: Path, flip: 
     rows = [compare(raw, keypoints, *paths, _random_inputs(codec), "random normal")]
     if real is not None and len(real):
         rows.append(compare(raw, keypoints, *paths, real.float(), "real crops"))
-    report = {"opset": OPSET, "tolerances": {"output_abs": OUTPUT_TOL, "keypoint_px": KEYPOINT_TOL_PX},
+    report = {"opset": OPSET, "tolerances": {"output_rel": OUTPUT_TOL, "keypoint_px": KEYPOINT_TOL_PX},
               "method": config["method"], "input_size": "{}x{}".format(*codec.input_size), "flip_test": flip,
               "checks": rows, "ok": all(r["ok"] for r in rows)}
     tmp = out_dir / "parity.json.tmp"

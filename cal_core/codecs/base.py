@@ -187,6 +187,10 @@ class Codec(ABC):
     def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Reference decode in numpy with the same contract as :meth:`decode`."""
 
+    def peak_map(self, heatmap: torch.Tensor) -> torch.Tensor:
+        """The map :meth:`decode` takes its argmax and scores from: the heatmap, unless a codec transforms it."""
+        return heatmap
+
     def _check_heatmap(self, heatmap: torch.Tensor | np.ndarray) -> None:
         if heatmap.ndim != 4 or tuple(heatmap.shape[2:]) != self.heatmap_size:
             raise ValueError(

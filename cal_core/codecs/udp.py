@@ -70,13 +70,17 @@ class UdpCodec(Codec):
         self._check_heatmap(heatmap)
         self._check_offset(heatmap, offset)
         n, k, h, w = heatmap.shape
-        confidence = torch.sigmoid(heatmap) if self.logit_heatmap else heatmap
-        if self.blur_heatmap and self.settings.blur_kernel > 1:
-            confidence = blur_torch(confidence, self.settings.blur_kernel, "edge").to(heatmap.dtype)
-        index, xy, score = argmax_torch(confidence)
+        index, xy, score = argmax_torch(self.peak_map(heatmap))
         picked = offset.reshape(n, k, 2, h * w).gather(-1, index[:, :, None, None].expand(n, k, 2, 1))
         stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
         return (xy + picked.squeeze(-1) * self.offset_norm) * stride, score
+
+    def peak_map(self, heatmap: torch.Tensor) -> torch.Tensor:
+        """The sigmoid of udp's logits, blurred where the decoder blurs: the map Eq. 9's argmax reads."""
+        confidence = torch.sigmoid(heatmap) if self.logit_heatmap else heatmap
+        if self.blur_heatmap and self.settings.blur_kernel > 1:
+            confidence = blur_torch(confidence, self.settings.blur_kernel, "edge").to(heatmap.dtype)
+        return confidence
 
     def decode_numpy(self, heatmap: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Numpy reference of :meth:`decode`."""
