@@ -21,8 +21,8 @@ import contextlib
 import hashlib
 import io
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,11 +152,27 @@ def read_bytes(uri: str | Path) -> bytes:
     return _with_retries("read", str(uri), get)
 
 
+def temp_beside(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new, empty temporary file next to ``path``, to be renamed onto it.
+
+    Created with mode ``0666`` less the umask, as ``open`` would create
+    ``path`` itself; ``tempfile.mkstemp`` makes ``0600`` files, which would
+    leave every output unreadable to other users after the rename.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 @contextlib.contextmanager
 def _atomic_local(path: Path) -> Iterator[io.BufferedWriter]:
     """A file object whose content replaces ``path`` only if the block completes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle

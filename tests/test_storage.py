@@ -106,3 +106,17 @@ def test_s3_wrong_key_is_rejected(s3_server, monkeypatch: pytest.MonkeyPatch) ->
 def test_s3_missing_bucket_is_a_clear_error(s3_server) -> None:  # noqa: F811
     with pytest.raises((storage.StorageError, FileNotFoundError), match="no-such-bucket-xyz"):
         storage.read_bytes("s3://no-such-bucket-xyz/k")
+
+
+def test_local_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Outputs must be readable by other users/steps as any file the process creates (0666 & ~umask)."""
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(tmp_path / "out" / "a.bin", b"x")
+        (tmp_path / "src.bin").write_bytes(b"y")
+        storage.upload(tmp_path / "src.bin", str(tmp_path / "b.bin"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cal_core import storage
 from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
@@ -561,7 +561,7 @@ def render_scene(
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = storage.temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
