@@ -12,6 +12,11 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -617,6 +622,67 @@ def test_a_killed_worker_is_an_error_not_a_hang_and_a_rerun_completes(coco_mini:
     downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=2, workers=2, progress=False)
     downsample.downsample(str(root), "val", str(reference), ["64x48"], shard_size=2, workers=1, progress=False)
     assert _files(out) == _files(reference)
+
+
+def test_a_pool_broken_while_refilling_is_a_worker_crash_error(coco_mini: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker death seen by ``submit`` (not by ``result``) is the same clear error, not a BrokenProcessPool."""
+    root = _small_root(coco_mini, tmp_path, n_images=24)
+    window = downsample.IN_FLIGHT_PER_WORKER * 2
+
+    class Breaking(downsample.ProcessPoolExecutor):
+        calls = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            Breaking.calls += 1
+            if Breaking.calls > window:  # the first refill, after the initial window went in
+                raise BrokenProcessPool("A child process terminated abruptly")
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(downsample, "ProcessPoolExecutor", Breaking)
+    with pytest.raises(downsample.WorkerCrashError, match=r"died .* with \S+ \(image \d+\) or a later image"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), ["64x48"], workers=2, progress=False)
+    assert Breaking.calls == window + 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_stage(coco_mini: Path, tmp_path: Path) -> None:
+    """SIGKILL of the stage (no cleanup possible) must not leave its pool workers running as orphans."""
+    root, pids = _small_root(coco_mini, tmp_path, n_images=12), tmp_path / "pids"
+    pids.mkdir()
+    script = f"""
+import os, time
+from cal_core.data import crops, downsample
+real = crops.decode
+def slow_decode(data, min_step):
+    open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
+    time.sleep(0.5)
+    return real(data, min_step)
+crops.decode = slow_decode
+downsample.downsample({str(root)!r}, "val", {str(tmp_path / "out")!r}, ["64x48"], workers=2, progress=False)
+"""
+    stage = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline and stage.poll() is None:
+        time.sleep(0.1)
+    workers = [int(p.name) for p in pids.iterdir()]
+    assert len(workers) == 2 and stage.poll() is None, "the workers never started"
+    stage.kill()
+    stage.wait()
+    time.sleep(2)
+    alive = [pid for pid in workers if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed stage"
+
+
+def _running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (an orphan's reaper may be slow to collect it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def test_detections_as_box_source(coco_mini: Path, tmp_path: Path) -> None:

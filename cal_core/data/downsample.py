@@ -38,6 +38,8 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +63,8 @@ JPEG_QUALITY = 95
 IMAGE_REASONS = (coco.MISSING_FILE, coco.CORRUPT_IMAGE, coco.SIZE_MISMATCH)
 #: Images handed to the pool but not yet consumed, per worker (bounds memory).
 IN_FLIGHT_PER_WORKER = 8
+#: prctl option: the signal a process gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 class DownsampleError(ValueError):
@@ -99,9 +103,24 @@ _JOB: Job | None = None
 
 
 def _init_worker(job: Job) -> None:
-    """Pool initializer: the job settings every task of this run shares."""
+    """Pool initializer: the job settings every task of this run shares; die with the parent (Linux)."""
     global _JOB
     _JOB = job
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when the stage's process dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A stage killed by SIGTERM or SIGKILL (a timeout, Ctrl-C of a wrapper, the
+    OOM killer) gets no chance to shut its pool down; without this its
+    workers live on as orphans blocked on a pipe nobody reads.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _row(task: coco.ImageTask, inst: coco.Instance, matrix: np.ndarray, pixels: np.ndarray) -> dict[str, Any]:
@@ -161,21 +180,24 @@ def _results(tasks: Sequence[coco.ImageTask], job: Job, workers: int) -> Iterato
     queue = iter(tasks)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_init_worker, initargs=(job,))
+    pending: deque = deque()
+    current = None  # the image whose result is awaited: the first suspect of a crash
     try:
-        pending = deque((task, pool.submit(process_image, task))
-                        for task in itertools.islice(queue, IN_FLIGHT_PER_WORKER * workers))
+        for task in itertools.islice(queue, IN_FLIGHT_PER_WORKER * workers):
+            pending.append((task, pool.submit(process_image, task)))
         while pending:
-            task, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool as exc:
-                raise WorkerCrashError(
-                    f"a downsampling worker process died (killed, e.g. out of memory, or crashed) with "
-                    f"{task.file_name} (image {task.image_id}) or a later image in flight; rerun the same "
-                    "command to resume from the last complete shard") from exc
-            for nxt in itertools.islice(queue, 1):
+            current, future = pending.popleft()
+            result = future.result()
+            current = None
+            for nxt in itertools.islice(queue, 1):  # submit raises too once a worker has died
                 pending.append((nxt, pool.submit(process_image, nxt)))
             yield result
+    except BrokenProcessPool as exc:
+        suspect = current or (pending[0][0] if pending else None)
+        named = f"{suspect.file_name} (image {suspect.image_id}) or a later image" if suspect else "an image"
+        raise WorkerCrashError(
+            f"a downsampling worker process died (killed, e.g. out of memory, or crashed) with {named} in "
+            "flight; rerun the same command to resume from the last complete shard") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
