@@ -260,8 +260,12 @@ def _broken_root(coco_mini: Path, tmp: Path) -> tuple[Path, dict[int, str]]:
     labelled = next(j for j, v in enumerate(nan_ann["keypoints"][2::3]) if v > 0)  # unlabelled ones may be NaN
     nan_ann["keypoints"] = [*nan_ann["keypoints"][:3 * labelled], float("nan"), *nan_ann["keypoints"][3 * labelled + 1:]]
     expected[nan_ann["id"]] = "bad_keypoints"
+    far_ann = dict(source, id=10**9 + 1)  # finite in float64, inf in the float32 shard columns
+    far_ann["keypoints"] = [*source["keypoints"][:3 * labelled], 1e40, *source["keypoints"][3 * labelled + 1:]]
+    expected[far_ann["id"]] = "bad_keypoints"
     _write_json(root / "annotations" / "person_keypoints_val2017.json",
-                {"images": list(images.values()), "annotations": [*anns, nan_ann], "categories": gt["categories"]})
+                {"images": list(images.values()), "annotations": [*anns, nan_ann, far_ann],
+                 "categories": gt["categories"]})
     return root, expected
 
 
@@ -412,8 +416,14 @@ def test_detection_runs_still_check_the_ground_truth(coco_mini: Path, tmp_path: 
                                                                          (nan_box["id"], "bad_box")}
     written = json.loads((out / "64x48" / "annotations.json").read_text())
     assert {a["id"] for a in written["annotations"]} == {a["id"] for a in anns[2:]}
-    with pytest.raises(downsample.DownsampleError, match="bad_keypoints|bad_box"):
+    with pytest.raises(downsample.DownsampleError, match=r"person_keypoints_val2017\.json: .*(bad_keypoints|bad_box)"):
         downsample.downsample(str(root), "val", str(tmp_path / "strict"), ["64x48"], detections=str(dets),
+                              workers=1, strict=True, progress=False)
+    gt["annotations"] = anns[2:]  # a clean GT file: now the broken detection is the first skip, in dets.json
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    _write_json(dets, [{"image_id": anns[2]["image_id"], "bbox": [5, 5, -4, 80], "score": 0.9}])
+    with pytest.raises(downsample.DownsampleError, match=r"dets\.json: .*bad_box"):
+        downsample.downsample(str(root), "val", str(tmp_path / "strict2"), ["64x48"], detections=str(dets),
                               workers=1, strict=True, progress=False)
 
 
@@ -798,6 +808,16 @@ def test_shard_readers_reject_corrupt_or_mismatched_shards(full: dict[str, Path]
         shards.read_manifest(str(folder))
     with pytest.raises(shards.ShardError, match="cannot read"):
         shards.read_manifest(str(tmp_path / "nowhere"))
+
+
+def test_a_string_is_no_box() -> None:
+    assert coco.parse_box("1234") is None and coco.parse_box(b"1234") is None
+    assert coco.parse_box(["1", 2, 3, 4]) == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_nan_score_threshold_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(downsample.DownsampleError, match="det_score_thr is NaN"):
+        downsample.downsample(str(tmp_path), "val", str(tmp_path / "out"), ["64x48"], det_score_thr=float("nan"))
 
 
 @pytest.mark.parametrize("margin", [0.5, float("nan"), float("inf")])

@@ -105,12 +105,15 @@ class SplitPlan:
 
     ``gt_images``: the images with a kept ground-truth person, whatever the
     box source (with detections, those without one still go to pycocotools).
+    ``detection_skips``: how many of the last ``skipped`` entries are
+    detection records (the others are records of the annotation file).
     """
 
     tasks: list[ImageTask]
     skipped: list[Skip] = field(default_factory=list)
     excluded: Counter = field(default_factory=Counter)
     gt_images: set[int] = field(default_factory=set)
+    detection_skips: int = 0
 
 
 def annotation_uri(coco_root: str, split: str) -> str:
@@ -230,7 +233,9 @@ def _image_record(img: Any) -> tuple[int, str, int, int] | None:
 
 
 def parse_box(box: Any) -> tuple[float, float, float, float] | None:
-    """A finite ``(x, y, w, h)`` with sides in :data:`BOX_SIDE_RANGE`, else None."""
+    """A finite ``(x, y, w, h)`` with sides in :data:`BOX_SIDE_RANGE`, else None (a string is no box)."""
+    if isinstance(box, str | bytes):
+        return None
     try:
         values = tuple(float(v) for v in box)
     except (TypeError, ValueError, OverflowError):
@@ -283,7 +288,7 @@ def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Inst
     if problem == BAD_BOX:
         return problem
     kp = parse_keypoints(ann.get("keypoints"))
-    if kp is None:
+    if kp is None or _far_keypoints(kp, size):
         return BAD_KEYPOINTS
     if problem:  # outside the image
         return problem
@@ -291,6 +296,16 @@ def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Inst
     area = float(area) if isinstance(area, int | float) and math.isfinite(area) else box[2] * box[3]
     instance = Instance(int(ann["id"]), box, kp, 1.0, area)
     return None if split == "train" and instance.num_keypoints == 0 else instance
+
+
+def _far_keypoints(kp: np.ndarray, size: tuple[int, int]) -> bool:
+    """True if a labelled joint lies over :data:`MAX_BOX_TO_IMAGE` image sides away (wrong units, say).
+
+    Such a coordinate (1e40 is finite in float64) would overflow the float32
+    shard columns to inf and poison every training batch it lands in.
+    """
+    labelled = kp[:, 2] > 0
+    return bool((np.abs(kp[labelled, :2]) > MAX_BOX_TO_IMAGE * max(size)).any())
 
 
 def _det_instance(det: dict[str, Any], size: tuple[int, int]) -> Instance | str:
@@ -421,7 +436,9 @@ def plan_split(
         gt_check = SplitPlan(tasks=[])
         plan.gt_images = set(_gt_candidates(coco, split, images, gt_check, person))
         plan.skipped += gt_check.skipped
+        before = len(plan.skipped)
         per_image = _det_candidates(detections, det_score_thr, images, plan, person)
+        plan.detection_skips = len(plan.skipped) - before
     for image_id in sorted(per_image):
         _, name, width, height = images[image_id]
         plan.tasks.append(ImageTask(image_id, name, width, height, tuple(per_image[image_id])))

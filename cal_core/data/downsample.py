@@ -488,9 +488,12 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     if not sizes or not margin >= 1 or not math.isfinite(margin) or shard_size < 1:
         raise DownsampleError(f"need >= 1 input size, margin >= 1 and shard_size >= 1, got {input_sizes}, "
                               f"{margin}, {shard_size}")
+    if math.isnan(det_score_thr):
+        raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr)
     if strict and plan.skipped:
-        raise _strict_error(plan.skipped[0], detections or source["annotations"]["uri"])
+        from_detections = len(plan.skipped) == plan.detection_skips  # annotation-file skips come first
+        raise _strict_error(plan.skipped[0], detections if from_detections else source["annotations"]["uri"])
     if not plan.tasks:
         raise _nothing_kept(detections or source["annotations"]["uri"], [s.to_dict() for s in plan.skipped],
                             plan.excluded)
