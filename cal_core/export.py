@@ -64,8 +64,9 @@ CROP_BOX = ("cx = x + w / 2; cy = y + h / 2; "
 #: (UDP: scale (W - 1) / size, not W / size as HRNet/mmpose's get_affine_transform).
 CROP_AFFINE = ("sx = (W - 1) / size_w; sy = (H - 1) / size_h; "
                "M = [[sx, 0, (W - 1) / 2 - sx * cx], [0, sy, (H - 1) / 2 - sy * cy]]")
-#: How to make the crop pixels (one bilinear warp, as the evaluation crops; those were also
-#: anti-aliased when shrinking more than 2x, cal_core.data.crops) and map keypoints back.
+#: How to make the crop pixels (one bilinear warp: the same geometry as the evaluation crops, which
+#: were rendered anti-aliased at margin x the input size, stored as JPEG and warped down once more,
+#: docs/quickstart.md "Low resolution") and map keypoints back.
 CROP_WARP = ("cv2.warpAffine(image_bgr, M, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, "
              "borderValue=0), then input_format; keypoints: input px -> image px by the inverse of M")
 #: What a keypoint score is, per codec: a value read at the argmax pixel of the heatmap (d: that
