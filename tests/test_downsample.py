@@ -511,6 +511,8 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
     shutil.copy(coco_mini / "val2017" / first_image["file_name"], outside)
     gt["images"] += [dict(first_image, file_name="other.jpg"),  # same id, another file
                      dict(first_image, id=777, file_name=str(outside))]  # absolute: outside the image folder
+    second_image = gt["images"][1]
+    gt["images"].insert(0, dict(second_image, width=0))  # malformed, before the good record of its id
     twin = dict(anns[0], bbox=[1, 1, 5, 5])  # same id, other record: the first one is kept
     huge = dict(anns[1], bbox=[5, 5, 1e300, 1.0], id=10**12)  # finite, but no invertible crop affine
     big_id = dict(anns[1], id=2**64)
@@ -520,6 +522,7 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
     report = downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
     reasons = {(s["image_id"], s["ann_id"], s["reason"]) for s in _manifest(out / "64x48")["skipped"]}
     assert reasons == {(first_image["id"], -1, "duplicate_id"), (777, -1, "bad_image_record"),
+                       (second_image["id"], -1, "bad_image_record"),
                        (anns[0]["image_id"], anns[0]["id"], "duplicate_id"),
                        (anns[1]["image_id"], 10**12, "bad_box"), (anns[1]["image_id"], -1, "bad_record"),
                        (777, 10**12 + 1, "unknown_image")}
@@ -533,6 +536,7 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
     assert next(a for a in written["annotations"] if a["id"] == anns[0]["id"])["bbox"] == pytest.approx(
         anns[0]["bbox"])
     assert [i["file_name"] for i in written["images"] if i["id"] == first_image["id"]] == [first_image["file_name"]]
+    assert [i["width"] for i in written["images"] if i["id"] == second_image["id"]] == [second_image["width"]]
 
 
 def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:

@@ -457,8 +457,8 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
     """
     person = person_category(coco)
     person_id = _int_id(person["id"])
-    images = _first_per_id((image_id, img) for img in coco["images"] if isinstance(img, dict)
-                           and (image_id := _int_id(img.get("id"))) in image_ids)
+    images = _first_per_id((image_id, img) for img in coco["images"] if _image_record(img) is not None
+                           and (image_id := _int_id(img.get("id"))) in image_ids)  # the record plan_split used
     anns = _first_per_id(
         (ann_id, record)
         for a in coco["annotations"]
