@@ -6,12 +6,9 @@ module only forms the results and reads COCOeval's state for the report
 the usual top-down protocol (HRNet, UDP, CAL): box score x mean score of the
 keypoints whose confidence exceeds ``infer.KEYPOINT_SCORE_THRESHOLD``; then
 duplicates are removed by OKS-NMS per image, with ground-truth boxes as with
-detector boxes (HRNet's and mmpose's ``CocoMetric`` default). One difference
-from their GT-box protocol: the val shards keep every non-crowd GT person
-(the data stage's rule), so people with no labelled keypoint, which HRNet
-and mmpose leave out, are predicted and scored too. COCOeval ignores their
-GT, so this moves AP little (measured on coco-mini val, a noisy-GT
-predictor: 0.501 with them, 0.504 without).
+detector boxes (HRNet's and mmpose's ``CocoMetric`` default). With GT boxes
+only the people COCOeval scores are predicted (:func:`scored_indices`), as
+HRNet and mmpose do, although the val shards keep every non-crowd person.
 """
 
 from __future__ import annotations
@@ -400,6 +397,34 @@ def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64
     return Collected(**{k: np.concatenate(v) for k, v in parts.items()}, overlays=shown)
 
 
+def scored_indices(dataset: Any, gt: Mapping[str, Any]) -> np.ndarray:
+    """Indices of the samples an evaluation predicts: every detector box, and the GT people COCOeval scores.
+
+    COCOeval ignores a GT person whose ``num_keypoints`` is 0 (and crowd
+    regions), and HRNet and mmpose leave such people out of their GT-box
+    evaluation before cropping. The val shards keep them (the data stage's
+    rule, so that every person reaches pycocotools), so they are left out
+    here: no inference is spent on them, and their predictions take no place
+    in OKS-NMS or in COCOeval's 20 results per image. Measured on coco-mini
+    val with a noisy-GT predictor: AP 0.501 with them, 0.504 without.
+    """
+    unscored = np.array([a["id"] for a in gt["annotations"] if a.get("iscrowd") or a["num_keypoints"] == 0],
+                        dtype=np.int64)
+    ann_ids = dataset.ann_ids()
+    return np.flatnonzero((ann_ids < 0) | ~np.isin(ann_ids, unscored))
+
+
+def scored_subset(dataset: Any, gt: Mapping[str, Any], shards_uri: str) -> Any:
+    """``dataset`` restricted to :func:`scored_indices`; an error naming the set when nobody is left."""
+    from torch.utils.data import Subset
+
+    indices = scored_indices(dataset, gt)
+    if len(indices) == 0:
+        raise ValueError(f"shard set {shards_uri}: none of its {len(dataset)} people has a labelled keypoint, "
+                         f"so COCOeval would score none of them")
+    return Subset(dataset, indices.tolist())
+
+
 def protocol_results(got: Collected, input_size: tuple[int, int]) -> list[dict[str, Any]]:
     """The COCO results every evaluation scores: rescored instances, OKS-NMS (:data:`OKS_NMS_THR`) per image."""
     return coco_results(got.image_ids, got.keypoints, got.scores, got.box_scores,
@@ -430,10 +455,10 @@ def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = T
                      "torch")
     check_shard_set(info, shards_uri)
     dataset = ShardDataset(shards_uri, codec, train=False)
-    got = collect(torch_predictor(model, codec, flip, device), dataset, codec, batch_size)
-    results = protocol_results(got, codec.input_size)
     gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
-    return coco_keypoint_ap(gt, results)
+    got = collect(torch_predictor(model, codec, flip, device), scored_subset(dataset, gt, shards_uri), codec,
+                  batch_size)
+    return coco_keypoint_ap(gt, protocol_results(got, codec.input_size))
 
 
 def check_detections(detections: list[dict[str, Any]], gt: Mapping[str, Any], manifest: Mapping[str, Any],
@@ -478,7 +503,8 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
     row = {"method": doc["method"], "backbone": doc["backbone"], "input_size": doc["input_size"], **doc["metrics"]}
     notes = [f"model: {doc['model']} ({doc['source']}), flip test: {doc['flip']}",
              f"{doc['counts']['instances']} boxes on {doc['counts']['images']} images; "
-             f"{doc['counts']['results']} results after OKS-NMS",
+             f"{doc['counts']['results']} results after OKS-NMS; {doc['counts']['unscored_instances']} GT people "
+             f"without a labelled keypoint left out (COCOeval ignores them)",
              f"val set digest: {doc['val_digest']}"]
     text = report.markdown_report(f"Evaluation: {doc['method']} {doc['input_size']}", [row], doc["metrics"],
                                   details.keypoint_error_px, details.keypoint_count, details.best_oks, notes)
@@ -499,7 +525,7 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
     dataset = ShardDataset(shards_uri, codec, train=False)
     gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
     gt = json.loads(gt_bytes)
-    got = collect(predictor, dataset, codec, batch_size, workers, overlays=OVERLAYS)
+    got = collect(predictor, scored_subset(dataset, gt, shards_uri), codec, batch_size, workers, overlays=OVERLAYS)
     if detections_uri:
         check_detections(json.loads(read_bytes(detections_uri)), gt, dataset.manifest, got, detections_uri)
     results = protocol_results(got, codec.input_size)
@@ -511,7 +537,8 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         "method": info.method, "backbone": info.backbone,
         "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
         "source": info.source, "shards": str(shards_uri), "flip": flip, "oks_nms": OKS_NMS_THR,
-        "counts": {"instances": len(got.image_ids), "images": len(set(got.image_ids.tolist())),
+        "counts": {"instances": len(got.image_ids), "unscored_instances": len(dataset) - len(got.image_ids),
+                   "images": len(set(got.image_ids.tolist())),
                    "results": len(results), "gt_people": len(details.best_oks)},
         "keypoint_error_px": {name: (None if n == 0 else float(e)) for name, e, n in
                               zip(KEYPOINT_NAMES, details.keypoint_error_px, details.keypoint_count, strict=True)},

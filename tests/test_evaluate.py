@@ -209,6 +209,11 @@ def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, ti
     assert doc["input_size"] == "64x48" and doc["method"] == "udp" and len(doc["val_digest"]) == 64
     assert doc["oks_nms"] == evaluate.OKS_NMS_THR  # GT boxes too, as HRNet and mmpose evaluate
     assert doc["counts"]["results"] == len(json.loads((out / "results.json").read_text()))
+    labelled = [a for a in json.loads((val_shards / "annotations.json").read_text())["annotations"]
+                if not a["iscrowd"] and a["num_keypoints"] > 0]
+    rows = json.loads((val_shards / "manifest.json").read_text())["counts"]["instances"]
+    assert doc["counts"]["instances"] == len(labelled)
+    assert doc["counts"]["unscored_instances"] == rows - len(labelled) > 0
     report = (out / "report.md").read_text()
     assert "| Method | Backbone | Input size | AP |" in report and "left_ankle" in report
     assert (out / "oks_histogram.png").is_file()
@@ -227,6 +232,38 @@ def test_shifted_oracle_through_collect_matches_direct_pycocotools(val_shards: P
     direct = direct_pycocotools(val_shards / "annotations.json", tmp_path / "results.json")
     assert [metrics[n] for n in evaluate.METRIC_NAMES] == direct.tolist()
     assert metrics["AP"] < 0.95  # 1.5 input px at 64x48 is several image px: OKS drops
+
+
+def test_only_people_cocoeval_scores_are_predicted(coco_mini: Path, val_shards: Path) -> None:
+    from cal_core.data.dataset import ShardDataset
+
+    dataset = ShardDataset(str(val_shards), build_codec("udp", (64, 48)), train=False)
+    gt = json.loads((val_shards / "annotations.json").read_text())
+    chosen = dataset.ann_ids()[evaluate.scored_indices(dataset, gt)]
+    labelled = {a["id"] for a in _val_gt(coco_mini)["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0}
+    assert sorted(chosen.tolist()) == sorted(labelled)  # coco-mini val: 68 of its 117 non-crowd people
+    assert len(dataset) > len(chosen)
+
+
+class _Boxes:
+    """Just what :func:`evaluate.scored_indices` reads of a dataset."""
+
+    def __init__(self, ann_ids: list[int]) -> None:
+        self._ids = np.asarray(ann_ids, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ann_ids(self) -> np.ndarray:
+        return self._ids
+
+
+def test_detector_boxes_are_all_predicted_and_an_unscorable_set_is_refused() -> None:
+    gt = {"annotations": [{"id": 7, "num_keypoints": 0, "iscrowd": 0}, {"id": 8, "num_keypoints": 3, "iscrowd": 1}]}
+    assert evaluate.scored_indices(_Boxes([-1, -1, -1]), gt).tolist() == [0, 1, 2]
+    assert evaluate.scored_indices(_Boxes([7, 9, -1]), gt).tolist() == [1, 2]  # 9: not in the file, kept
+    with pytest.raises(ValueError, match="shard set s3://b/v: none of its 2 people has a labelled keypoint"):
+        evaluate.scored_subset(_Boxes([7, 8]), gt, "s3://b/v")
 
 
 def test_model_that_does_not_fit_the_shards_is_refused(val_shards: Path) -> None:

@@ -224,6 +224,10 @@ class ShardDataset(Dataset):
         """Select the epoch whose augmentation draws are used (call before building the DataLoader)."""
         self.epoch = int(epoch)
 
+    def ann_ids(self) -> np.ndarray:
+        """``(len(self),)`` int64 annotation id of every sample, in index order (-1: a detector box)."""
+        return np.concatenate([np.zeros(0, np.int64)] + [self._shard(i).ann_id for i in range(len(self._shards))])
+
     def _preload(self) -> None:
         """Load shards in order while they fit the cache (shared by forked DataLoader workers)."""
         for i in range(len(self._shards)):
