@@ -54,6 +54,18 @@ def _local(uri: str | Path) -> Path:
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
 
 
+def canonical(uri: str | Path) -> str:
+    """One spelling per location: a local path made absolute with symlinks resolved, an S3 URI without a trailing ``/``.
+
+    Manifests record source URIs and reuse earlier output only when they
+    match, so ``coco``, ``./coco/``, ``file:///abs/coco`` and a symlink to it
+    must be the same source.
+    """
+    if is_s3(uri):
+        return str(uri).rstrip("/")
+    return os.path.realpath(_local(uri))
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; raises ``ValueError`` without a bucket."""
     rest = str(uri)[len("s3://"):]

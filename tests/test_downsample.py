@@ -550,6 +550,20 @@ def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_rerun_with_the_root_spelled_otherwise_writes_nothing(coco_mini: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _small_root(coco_mini, tmp_path)
+    (tmp_path / "link").symlink_to(root)
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), SIZES, shard_size=5, workers=1, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    monkeypatch.chdir(root.parent)
+    for spelling in (root.name, f"./{root.name}/", f"file://{root}", f"../{tmp_path.name}/link"):
+        again = downsample.downsample(spelling, "val", str(out), SIZES, shard_size=5, workers=1, progress=False)
+        assert all(r["already_complete"] for r in again.values()), spelling
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_rerun_after_fixing_the_images_the_manifest_named_recovers_their_people(coco_mini: Path,
                                                                                tmp_path: Path) -> None:
     """Skipped as missing/corrupt, then restored: the same command recomputes (it once kept the old set)."""

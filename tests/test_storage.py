@@ -21,6 +21,17 @@ def test_join_and_is_s3() -> None:
         storage.split_s3("s3:///key")
 
 
+def test_canonical_gives_one_spelling_per_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    want = str((tmp_path / "data").resolve())
+    for spelling in ("data", "./data/", f"file://{tmp_path}/data", "alias", f"{tmp_path}/alias/../data"):
+        assert storage.canonical(spelling) == want, spelling
+    assert storage.canonical("s3://bucket/coco/") == "s3://bucket/coco"
+    assert storage.canonical("s3://bucket/coco") == "s3://bucket/coco"
+
+
 def test_local_round_trip_is_atomic(tmp_path: Path) -> None:
     uri = str(tmp_path / "deep" / "dir" / "f.bin")
     storage.write_bytes(uri, b"one")

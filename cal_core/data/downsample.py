@@ -459,7 +459,9 @@ def _remove_stale(out: Output) -> None:
 
 def _load_inputs(coco_uri: str, split: str, detections: str | None,
                  det_score_thr: float) -> tuple[dict[str, Any], coco.SplitPlan, dict[str, Any]]:
-    """The annotation file, the split's plan and the ``source`` manifest entry (URIs and sha256)."""
+    """The annotation file, the split's plan and the ``source`` manifest entry (canonical URIs and sha256)."""
+    coco_uri = storage.canonical(coco_uri)
+    detections = storage.canonical(detections) if detections else None
     ann_uri = coco.annotation_uri(coco_uri, split)
     data, raw = coco.read_json(ann_uri)
     gt = coco.check_coco(data, ann_uri)
