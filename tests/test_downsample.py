@@ -287,7 +287,7 @@ def test_broken_inputs_are_skipped_and_reported(coco_mini: Path, tmp_path: Path)
 
 def test_strict_turns_a_skip_into_a_clear_error(coco_mini: Path, tmp_path: Path) -> None:
     root, expected = _broken_root(coco_mini, tmp_path)
-    record = r"person_keypoints_val2017\.json: image \d+ \(\d+\.jpg\), annotation \d+: "
+    record = r"person_keypoints_val2017\.json: annotations\[\d+\]: image \d+ \(\d+\.jpg\), annotation \d+: "
     with pytest.raises(downsample.DownsampleError, match=record + "(bad_box|bad_keypoints|outside_image)"):
         downsample.downsample(str(root), "val", str(tmp_path / "out"), ["64x48"], workers=1, strict=True,
                               progress=False)
@@ -422,7 +422,7 @@ def test_detection_runs_still_check_the_ground_truth(coco_mini: Path, tmp_path: 
     gt["annotations"] = anns[2:]  # a clean GT file: now the broken detection is the first skip, in dets.json
     _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
     _write_json(dets, [{"image_id": anns[2]["image_id"], "bbox": [5, 5, -4, 80], "score": 0.9}])
-    with pytest.raises(downsample.DownsampleError, match=r"dets\.json: .*bad_box"):
+    with pytest.raises(downsample.DownsampleError, match=r"dets\.json: \[0\]: .*bad_box"):
         downsample.downsample(str(root), "val", str(tmp_path / "strict2"), ["64x48"], detections=str(dets),
                               workers=1, strict=True, progress=False)
 
@@ -526,6 +526,10 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
                        (anns[0]["image_id"], anns[0]["id"], "duplicate_id"),
                        (anns[1]["image_id"], 10**12, "bad_box"), (anns[1]["image_id"], -1, "bad_record"),
                        (777, 10**12 + 1, "unknown_image")}
+    where = {(s["ann_id"], s["reason"]): s["record"] for s in _manifest(out / "64x48")["skipped"]}
+    assert where[-1, "bad_record"] == f"annotations[{gt['annotations'].index(big_id)}]"  # its id is unreadable
+    assert where[10**12, "bad_box"] == f"annotations[{gt['annotations'].index(huge)}]"
+    assert where[-1, "duplicate_id"] == f"images[{gt['images'].index(dict(first_image, file_name='other.jpg'))}]"
     assert report["64x48"]["counts"]["instances"] == len(anns)
     rows = _rows(out / "64x48")
     assert sorted(r["ann_id"] for r in rows) == sorted(a["id"] for a in anns)
@@ -533,6 +537,13 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
     assert first_row["bbox"] == pytest.approx(anns[0]["bbox"])
     written = json.loads((out / "64x48" / "annotations.json").read_text())
     assert sorted(a["id"] for a in written["annotations"]) == sorted(a["id"] for a in anns)
+    gt["images"] = [i for i in gt["images"] if i["width"] and i["id"] != 777 and i["file_name"] != "other.jpg"]
+    gt["annotations"] = anns + [big_id]  # left broken: only the record without a usable id
+    _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
+    with pytest.raises(downsample.DownsampleError, match=rf"annotations\[{len(anns)}\]: image \d+ \(no file\), "
+                                                         r"annotation -1: bad_record"):
+        downsample.downsample(str(root), "val", str(tmp_path / "strict"), ["64x48"], workers=1, strict=True,
+                              progress=False)
     assert next(a for a in written["annotations"] if a["id"] == anns[0]["id"])["bbox"] == pytest.approx(
         anns[0]["bbox"])
     assert [i["file_name"] for i in written["images"] if i["id"] == first_image["id"]] == [first_image["file_name"]]

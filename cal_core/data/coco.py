@@ -87,16 +87,23 @@ class ImageTask:
 
 @dataclass(frozen=True)
 class Skip:
-    """A record left out because it is malformed or unusable, and why."""
+    """A record left out because it is malformed or unusable, and why.
+
+    ``record`` says where it is in its JSON file (``annotations[12]``,
+    ``images[3]``, ``[7]`` in a detections list), so a record whose ids are
+    unreadable (-1 here) can still be found; empty for skipped image files.
+    """
 
     image_id: int
     ann_id: int
     file: str
     reason: str
+    record: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest entry of this skip."""
-        return {"image_id": self.image_id, "ann_id": self.ann_id, "file": self.file, "reason": self.reason}
+        """The manifest entry of this skip (``record`` only when known)."""
+        entry = {"image_id": self.image_id, "ann_id": self.ann_id, "file": self.file, "reason": self.reason}
+        return {**entry, "record": self.record} if self.record else entry
 
 
 @dataclass
@@ -320,15 +327,15 @@ def _det_instance(det: dict[str, Any], size: tuple[int, int]) -> Instance | str:
 def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, int, int]]:
     """Well-formed image records by id; malformed ones are skipped."""
     images: dict[int, tuple[int, str, int, int]] = {}
-    for img in coco["images"]:
+    for index, img in enumerate(coco["images"]):
         record = _image_record(img)
         if record is None:
             image_id = _int_id(img.get("id")) if isinstance(img, dict) else None
             name = img.get("file_name", "") if isinstance(img, dict) else ""
-            plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD))
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD, f"images[{index}]"))
         elif record[0] in images:  # the first record of an id wins, the same as gt_subset's
             if record != images[record[0]]:
-                plan.skipped.append(Skip(record[0], -1, record[1], DUPLICATE_ID))
+                plan.skipped.append(Skip(record[0], -1, record[1], DUPLICATE_ID, f"images[{index}]"))
         else:
             images[record[0]] = record
     return images
@@ -339,22 +346,23 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
     """Kept GT people (category ``person``) per image id (sorted by ann id); skips and exclusions in ``plan``."""
     per_image: dict[int, list[Instance]] = {}
     seen: set[int] = set()
-    for ann in sorted(coco["annotations"], key=_ann_sort_key):
+    for index, ann in sorted(enumerate(coco["annotations"]), key=lambda pair: _ann_sort_key(pair[1])):
+        where = f"annotations[{index}]"
         if not isinstance(ann, dict):
-            plan.skipped.append(Skip(-1, -1, "", BAD_RECORD))
+            plan.skipped.append(Skip(-1, -1, "", BAD_RECORD, where))
             continue
         if _int_id(ann.get("category_id")) != person:
             continue
         ann_id, image_id = _int_id(ann.get("id")), _int_id(ann.get("image_id"))
         if ann_id is None or image_id is None:
-            plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD))
+            plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD, where))
             continue
         if ann_id in seen:  # the first (in file order: the sort is stable) wins, as in gt_subset
-            plan.skipped.append(Skip(image_id, ann_id, "", DUPLICATE_ID))
+            plan.skipped.append(Skip(image_id, ann_id, "", DUPLICATE_ID, where))
             continue
         seen.add(ann_id)
         if image_id not in images:
-            plan.skipped.append(Skip(image_id, ann_id, "", UNKNOWN_IMAGE))
+            plan.skipped.append(Skip(image_id, ann_id, "", UNKNOWN_IMAGE, where))
             continue
         _, name, width, height = images[image_id]
         if ann.get("iscrowd", 0):
@@ -362,7 +370,7 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
             continue
         result = _gt_instance(ann, split, (width, height))
         if isinstance(result, str):
-            plan.skipped.append(Skip(image_id, ann_id, name, result))
+            plan.skipped.append(Skip(image_id, ann_id, name, result, where))
         elif result is None:
             plan.excluded["no_keypoints"] += 1
         else:
@@ -388,10 +396,10 @@ def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, 
             plan.excluded["other_category"] += 1  # e.g. a COCO detector's person id 1 on a file where person is 3
             continue
         if image_id is None or not math.isfinite(_score(det)):
-            plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD))
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD, f"[{i}]"))
             continue
         if image_id not in images:
-            plan.skipped.append(Skip(image_id, -1, "", UNKNOWN_IMAGE))
+            plan.skipped.append(Skip(image_id, -1, "", UNKNOWN_IMAGE, f"[{i}]"))
             continue
         if _score(det) < thr:
             plan.excluded["below_score_threshold"] += 1
@@ -399,7 +407,7 @@ def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, 
         _, name, width, height = images[image_id]
         result = _det_instance(det, (width, height))
         if isinstance(result, str):
-            plan.skipped.append(Skip(image_id, -1, name, result))
+            plan.skipped.append(Skip(image_id, -1, name, result, f"[{i}]"))
         else:
             per_image.setdefault(image_id, []).append(result)
     return per_image

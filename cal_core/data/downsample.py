@@ -281,6 +281,7 @@ def _verified_prefix(uri: str, entries: list[dict[str, Any]]) -> int:
 def _strict_error(skip: coco.Skip, where: str, detail: str = "") -> DownsampleError:
     """The ``strict`` error for a skip: the file (``where``), the record and the reason."""
     what = f"image {skip.image_id} ({skip.file or 'no file'}), annotation {skip.ann_id}"
+    what = f"{skip.record}: {what}" if skip.record else what
     return DownsampleError(f"{where}: {what}: {skip.reason}{': ' + detail if detail else ''} "
                            "(--strict turns skipped records into errors)")
 
