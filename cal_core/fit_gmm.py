@@ -188,9 +188,7 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
                          "fit-gmm needs a CAL (or UDP) stage-1 model")
     params = {"checkpoint": checkpoint, "shards": shards, "components": components or "auto",
               "max_components": max_components, "max_samples": max_samples, "seed": seed}
-    local = None if "://" in out else out
-    with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params,
-                            local_dir=local) as tracker:
+    with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params, local_dir=out) as tracker:
         loader = _loader(shards, codec, batch_size, workers, max_samples, seed)
         d = collect_displacements(model_from_checkpoint(ckpt), loader, codec, pick_device(device, 0), max_samples)
         report = {**fit_mixture(d, components, max_components, seed), "stats": displacement_stats(d),

@@ -12,9 +12,17 @@ Where runs go:
 - ``CAL_POSE_TRACKING=off`` skips MLflow altogether (tests, air-gapped runs).
 
 Resilience: tracking must never kill a stage. HTTP servers are probed with a
-short connect timeout and mlflow's own retries are bounded; on the first
-failure the tracker warns once and keeps recording everything to a JSONL file
-(``mlflow-offline.jsonl`` in ``local_dir``) so nothing is lost.
+short connect timeout and mlflow's own retries are bounded. When a server
+that took the run stops answering (a restart, an upgrade), the tracker warns
+once, records every event in a JSONL file (``mlflow-offline.jsonl`` in
+``local_dir``) and queues it; it tries the server again after
+:data:`RETRY_FIRST_S`, doubling up to :data:`RETRY_MAX_S`, and replays the
+queue in order once it answers, so a long training survives an MLflow outage
+with its whole curve. ``end()`` waits up to :data:`FINAL_WAIT_S` for the
+server so the run's status lands too. A server that was never reached
+(wrong URI, tracking off) is not retried: the JSONL file is the record. When
+``local_dir`` is a remote URI (a stage writing to S3), the file is kept
+locally and copied there at ``end()``, so it outlives the pod.
 
 Secrets: parameters or tags whose names look like keys, tokens or passwords,
 and any value equal to a secret-looking environment variable, are dropped
@@ -36,6 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cal_core.uris import is_remote, local_path
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "CAL_POSE_PARENT_RUN_ID"
@@ -49,6 +59,11 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 PROBE_TIMEOUT_S = 3.0
+#: Wait before the first retry of a lost server; it doubles per failed retry up to RETRY_MAX_S.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+#: How long ``Tracker.end`` keeps retrying a lost server to deliver the queue and the run's status.
+FINAL_WAIT_S = 60.0
 _SECRET_NAME = re.compile(r"(secret|passw|passwd|token|api[_-]?key|access[_-]?key|credential|auth)", re.I)
 _KEY_ID = re.compile(r"key[_-]?id$", re.I)
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -138,12 +153,23 @@ class Tracker:
         self.name = name
         self.run_id: str | None = None
         self._client: Any = None
-        self._local_dir = Path(local_dir) if local_dir else Path("runs") / "offline"
+        remote = bool(local_dir) and is_remote(local_dir)
+        self._copy_to = str(local_dir) if remote else None  # the offline file is copied there at end()
+        self._local_dir = local_path(local_dir) if local_dir and not remote else Path("runs") / "offline"
         self._warned = False
+        self._wrote_offline = False
+        self._queue: list[tuple[str, Any]] = []  # (kind, action) waiting for a lost server
+        self._retry_at = 0.0
+        self._wait = RETRY_FIRST_S
 
     @property
     def online(self) -> bool:
-        """True while runs are being recorded in MLflow (not the offline JSONL file)."""
+        """True while events reach MLflow (a run on a server that answers, nothing queued)."""
+        return self._connected and not self._queue
+
+    @property
+    def _connected(self) -> bool:
+        """True once a run was created or attached: a lost server is retried, not given up."""
         return self._client is not None and self.run_id is not None
 
     @property
@@ -172,19 +198,73 @@ class Tracker:
             self._offline("start", {"experiment": experiment, "tags": tags}, reason=exc)
 
     def _call(self, kind: str, payload: dict[str, Any], action: Any) -> None:
-        """Run ``action()`` against MLflow; on failure record ``payload`` offline instead."""
-        if not self.online:
+        """Run ``action()`` against MLflow; while the server is lost, record ``payload`` offline and queue it."""
+        if not self._connected:
+            self._offline(kind, payload)
+            return
+        if self._queue and not self._replay():
+            self._queue.append((kind, action))
             self._offline(kind, payload)
             return
         try:
             action()
-        except Exception as exc:  # noqa: BLE001
-            if getattr(exc, "error_code", None) in _CLIENT_ERRORS:
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill the stage
+            if not self._outage(exc):
                 log.warning("MLflow rejected %s for run %s: %s", kind, self.run_id, exc)
                 self._offline(kind, payload, reason=exc, switch=False)
-            else:
-                self._client = None
-                self._offline(kind, payload, reason=exc)
+                return
+            self._queue.append((kind, action))
+            self._lost()
+            self._offline(kind, payload, reason=exc)
+
+    def _outage(self, exc: Exception) -> bool:
+        """True if ``exc`` means the server is gone, not that it refused this one call."""
+        if getattr(exc, "error_code", None) in _CLIENT_ERRORS:
+            return False
+        try:
+            self._client.get_run(self.run_id)
+        except Exception:  # noqa: BLE001
+            return True
+        return False
+
+    def _lost(self) -> None:
+        """Schedule the next retry of the server (the wait doubles up to :data:`RETRY_MAX_S`)."""
+        self._retry_at = time.monotonic() + self._wait
+        self._wait = min(2 * self._wait, RETRY_MAX_S)
+
+    def _replay(self, force: bool = False) -> bool:
+        """Send the queued events in order once the retry is due (``force``: now); True when none is left."""
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        sent = 0
+        while self._queue:
+            kind, action = self._queue[0]
+            try:
+                action()
+                sent += 1
+            except Exception as exc:  # noqa: BLE001
+                if self._outage(exc):
+                    self._lost()
+                    return False
+                log.warning("MLflow rejected the queued %s for run %s: %s (it stays in %s)", kind, self.run_id,
+                            exc, self.offline_path)
+            self._queue.pop(0)
+        self._wait = RETRY_FIRST_S
+        self._warned = False
+        log.warning("MLflow is back: %d queued event(s) of run %r delivered", sent, self.name)
+        self._offline("delivered", {"events": sent})
+        return True
+
+    def _drain(self, seconds: float) -> None:
+        """Retry the lost server for up to ``seconds`` until the queue is delivered."""
+        deadline = time.monotonic() + seconds
+        while self._queue and not self._replay(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("MLflow still unreachable: %d event(s) of run %r are only in %s", len(self._queue),
+                            self.name, self.offline_path)
+                return
+            time.sleep(min(max(self._retry_at - time.monotonic(), 0.0), left))
 
     def _offline(self, kind: str, payload: dict[str, Any], reason: object = None, switch: bool = True) -> None:
         """Append one event to the offline JSONL file; warn once when switching to it."""
@@ -197,6 +277,7 @@ class Tracker:
             self.offline_path.parent.mkdir(parents=True, exist_ok=True)
             with self.offline_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=str) + "\n")
+            self._wrote_offline = True
         except OSError as exc:
             log.warning("could not write offline tracking file %s: %s", self.offline_path, exc)
 
@@ -239,8 +320,8 @@ class Tracker:
                    lambda: getattr(self._client, method)(self.run_id, str(path), artifact_path))
 
     def log_figure(self, fig: Any, name: str) -> None:
-        """Log a matplotlib figure as ``name`` (e.g. ``"plots/oks.png"``); offline: save it locally."""
-        if self.online:
+        """Log a matplotlib figure as ``name`` (e.g. ``"plots/oks.png"``); offline: save it locally too."""
+        if self._connected:
             self._call("figure", {"name": name}, lambda: self._client.log_figure(self.run_id, fig, name))
             if self.online:
                 return
@@ -255,8 +336,23 @@ class Tracker:
                    lambda: self._client.log_text(self.run_id, text, name))
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        """Close the run with ``status`` (FINISHED, FAILED or KILLED), delivering what a lost server missed."""
+        if self._queue:
+            self._drain(FINAL_WAIT_S)
         self._call("end", {"status": status}, lambda: self._client.set_terminated(self.run_id, status))
+        if self._copy_to and self._wrote_offline:
+            self._publish_offline()
+
+    def _publish_offline(self) -> None:
+        """Copy the offline file to ``<local_dir URI>/mlflow-offline.jsonl`` (best effort)."""
+        from cal_core import storage
+
+        target = storage.join(self._copy_to, OFFLINE_FILE)
+        try:
+            storage.write_bytes(target, self.offline_path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill the stage
+            log.warning("could not copy the offline tracking file %s to %s: %s", self.offline_path,
+                        redact_uri(target), exc)
 
 
 def redact_uri(uri: str) -> str:

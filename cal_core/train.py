@@ -561,7 +561,7 @@ def train(config: TrainConfig) -> str:
         # A resumed attempt (a retried pod) continues the run it started, whose params are logged already.
         with tracking.stage_run(f"train-s{config.stage}",
                                 config.experiment, config.run_name or _default_run_name(config),
-                                local_dir=_local_dir(config.out), resume_run_id=s.mlflow_run_id) as tracker:
+                                local_dir=config.out, resume_run_id=s.mlflow_run_id) as tracker:
             if not s.mlflow_run_id or tracker.run_id != s.mlflow_run_id:  # a new run (none, or not reattached)
                 tracker.log_params(_run_params(s))
             s.mlflow_run_id = tracker.run_id or ""
@@ -576,7 +576,3 @@ def _default_run_name(config: TrainConfig) -> str:
     stage = f"-s{config.stage}" if config.method == "cal" else ""
     return f"train-{config.method}{stage}-{config.backbone}"
 
-
-def _local_dir(out: str) -> str | None:
-    """Where the tracker writes its offline log: the run folder when it is local."""
-    return None if "://" in out else out

@@ -187,3 +187,100 @@ def test_a_required_run_fails_clearly_when_mlflow_is_unreachable(tmp_path, monke
     monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert tracking.start_required_run("pipeline x", "exp", params={"method": "cal"})
+
+
+class _FlakyServer:
+    """An MlflowClient stand-in whose server can go away and come back (``down``)."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.metrics: list[tuple[int, float]] = []
+        self.status = "RUNNING"
+
+    def _answer(self) -> None:
+        if self.down:
+            raise ConnectionError("connection refused (MLflow pod restarting)")
+
+    def get_experiment_by_name(self, name: str):
+        return type("Exp", (), {"experiment_id": "1"})()
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict):
+        return type("Run", (), {"info": type("Info", (), {"run_id": "r1"})()})()
+
+    def get_run(self, run_id: str) -> None:
+        self._answer()
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self._answer()
+        if any(m.key == "bad" for m in metrics):
+            raise ValueError("the server refused this batch")
+        self.metrics += [(m.step, m.value) for m in metrics]
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        self._answer()
+        self.status = status
+
+
+@pytest.fixture()
+def flaky(monkeypatch: pytest.MonkeyPatch) -> _FlakyServer:
+    server = _FlakyServer()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.invalid:5000")
+    monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setattr(tracking, "_probe", lambda uri: None)
+    monkeypatch.setattr(tracking, "_make_client", lambda uri: server)
+    monkeypatch.setattr(tracking, "RETRY_FIRST_S", 0.05)
+    return server
+
+
+def test_a_server_that_comes_back_gets_the_whole_run(flaky: _FlakyServer, tmp_path: Path) -> None:
+    with tracking.stage_run("train-s1", local_dir=tmp_path) as t:
+        t.log_metrics({"loss": 1.0}, step=1)
+        flaky.down = True  # restarted mid-run
+        t.log_metrics({"loss": 0.9}, step=2)
+        t.log_metrics({"loss": 0.8}, step=3)
+        assert not t.online
+        flaky.down = False
+        time.sleep(0.2)  # past the first retry
+        t.log_metrics({"loss": 0.7}, step=4)
+        assert t.online
+    assert flaky.metrics == [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]  # in order, none twice
+    assert flaky.status == "FINISHED"
+    kinds = [json.loads(line)["kind"] for line in t.offline_path.read_text().splitlines()]
+    assert kinds == ["metrics", "metrics", "delivered"]
+
+
+def test_end_waits_for_the_server_then_leaves_the_rest_in_the_offline_file(flaky: _FlakyServer, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "FINAL_WAIT_S", 0.5)
+    t = tracking.start_run("train-s2", local_dir=tmp_path)
+    flaky.down = True
+    t.log_metrics({"loss": 0.5}, step=1)
+    start = time.monotonic()
+    t.end("FINISHED")
+    assert 0.5 <= time.monotonic() - start < 5
+    assert flaky.status == "RUNNING" and flaky.metrics == []
+    kinds = [json.loads(line)["kind"] for line in t.offline_path.read_text().splitlines()]
+    assert kinds == ["metrics", "end"]
+
+
+def test_a_refused_call_is_dropped_not_queued(flaky: _FlakyServer, tmp_path: Path) -> None:
+    with tracking.stage_run("evaluate", local_dir=tmp_path) as t:
+        t.log_metrics({"bad": 1.0})
+        assert t.online  # the server answers: only that batch was refused
+        t.log_metrics({"AP": 0.5}, step=2)
+    assert flaky.metrics == [(2, 0.5)] and flaky.status == "FINISHED"
+
+
+def test_a_remote_stage_folder_gets_the_offline_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cal_core import storage
+
+    written = {}
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: written.update({uri: data}))
+    monkeypatch.setenv(tracking.TRACKING_SWITCH_ENV, "off")
+    monkeypatch.chdir(tmp_path)
+    with tracking.stage_run("train-s1", local_dir="s3://work/run-1/stage1") as t:
+        t.log_metrics({"loss": 1.0}, step=1)
+    assert list(written) == ["s3://work/run-1/stage1/" + tracking.OFFLINE_FILE]
+    assert written["s3://work/run-1/stage1/" + tracking.OFFLINE_FILE] == t.offline_path.read_bytes()
+    assert t.offline_path.parent == Path("runs") / "offline"
