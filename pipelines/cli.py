@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_remote(upload, runs=False)
     upload.add_argument("--name", default="cal-pose", help="pipeline name in KFP")
     upload.add_argument("--version", required=True, help="version name when the pipeline exists already")
+    upload.add_argument("--shared", action="store_true",
+                        help="upload a shared pipeline (every profile sees it; multi-user KFP may allow only "
+                             "admins) instead of one owned by --namespace")
     schedule = sub.add_parser("schedule", help="create a recurring run")
     _add_remote(schedule)
     schedule.add_argument("--cron", required=True, help="cron: 5 fields (minute first) or KFP's 6 (second first)")
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return run_local.run(args)
     kfp_client = client.connect(args.host, args.namespace)
     if args.action == "upload":
-        print(f"pipeline {args.name}: {client.upload(kfp_client, args.name, args.version, args.package)}")
+        namespace = None if args.shared else args.namespace
+        print(f"pipeline {args.name}: {client.upload(kfp_client, args.name, args.version, args.package, namespace)}")
         return 0
     arguments = client.parse_arguments(args.param, args.package)
     if args.action == "submit":

@@ -13,6 +13,7 @@ common five-field crontab form too and prepends ``0`` seconds, validates
 every field, and passes ``@daily``-style descriptors through.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -158,17 +159,31 @@ def submit(client: Any, arguments: dict[str, Any], run_name: str, experiment: st
     return result.run_id
 
 
-def upload(client: Any, name: str, version: str, package: str | Path = DEFAULT_OUTPUT) -> str:
+def pipeline_id(client: Any, name: str, namespace: str | None) -> str | None:
+    """Id of the pipeline called ``name`` in ``namespace`` (None: the shared pipelines), or None."""
+    predicate = {"operation": "EQUALS", "key": "display_name", "stringValue": name}
+    found = client.list_pipelines(filter=json.dumps({"predicates": [predicate]}), namespace=namespace,
+                                  page_size=2).pipelines or []
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} pipelines are called {name!r} in {namespace or 'the shared namespace'}")
+    return found[0].pipeline_id if found else None
+
+
+def upload(client: Any, name: str, version: str, package: str | Path = DEFAULT_OUTPUT,
+           namespace: str | None = None) -> str:
     """Upload the pipeline as ``name`` (first time) or as a new version ``version`` of it; returns the pipeline id.
 
-    KFP's upload call names a new pipeline's first version after the pipeline itself, so ``version``
-    names the second and later uploads.
+    ``namespace``: the profile namespace that owns the pipeline in multi-user
+    Kubeflow (single-user servers ignore it); None uploads a shared pipeline,
+    which every profile sees and multi-user servers may allow only admins to
+    create. KFP's upload call names a new pipeline's first version after the
+    pipeline itself, so ``version`` names the second and later uploads.
     """
-    pipeline_id = client.get_pipeline_id(name)
-    if pipeline_id is None:
-        return client.upload_pipeline(str(package), pipeline_name=name).pipeline_id
-    client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
-    return pipeline_id
+    existing = pipeline_id(client, name, namespace)
+    if existing is None:
+        return client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
+    client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=existing)
+    return existing
 
 
 def recurring_runs_named(client: Any, experiment_id: str, job_name: str) -> list[str]:

@@ -309,14 +309,17 @@ class FakeClient:
     def delete_recurring_run(self, recurring_run_id):
         self.calls.append(("delete", recurring_run_id))
 
-    def get_pipeline_id(self, name):
-        return {"cal-pose": "pipe-1"}.get(name)
+    def list_pipelines(self, page_token="", page_size=10, sort_by="", filter=None, namespace=None):
+        name = json.loads(filter)["predicates"][0]["stringValue"]
+        owned = {("cal-pose", "team-a"): "pipe-1", ("cal-pose", None): "pipe-shared"}
+        found = [argparse.Namespace(pipeline_id=owned[name, namespace])] if (name, namespace) in owned else []
+        return argparse.Namespace(pipelines=found or None)
 
-    def upload_pipeline(self, package, pipeline_name):
-        self.calls.append(("upload", package, pipeline_name))
+    def upload_pipeline(self, pipeline_package_path, pipeline_name=None, description=None, namespace=None):
+        self.calls.append(("upload", pipeline_package_path, pipeline_name, namespace))
         return argparse.Namespace(pipeline_id="pipe-new")
 
-    def upload_pipeline_version(self, package, pipeline_version_name, pipeline_id):
+    def upload_pipeline_version(self, pipeline_package_path, pipeline_version_name, pipeline_id):
         self.calls.append(("version", pipeline_version_name, pipeline_id))
 
 
@@ -360,11 +363,27 @@ def test_connect_sends_the_token_kfp_client_would_not_find_itself(source, tmp_pa
     assert seen and seen[-1] == expected
 
 
-def test_upload_creates_the_pipeline_or_a_new_version():
+def test_upload_creates_the_pipeline_or_a_new_version_in_the_profile_namespace():
     fake = FakeClient()
-    assert client.upload(fake, "new-pipeline", "v1") == "pipe-new"
-    assert client.upload(fake, "cal-pose", "0.1.0-r2") == "pipe-1"
+    assert client.upload(fake, "new-pipeline", "v1", namespace="team-a") == "pipe-new"
+    assert fake.calls[-1] == ("upload", str(DEFAULT_OUTPUT), "new-pipeline", "team-a")
+    assert client.upload(fake, "cal-pose", "0.1.0-r2", namespace="team-a") == "pipe-1"
     assert fake.calls[-1] == ("version", "0.1.0-r2", "pipe-1")
+    assert client.upload(fake, "cal-pose", "0.1.0-r3") == "pipe-shared"  # --shared: the shared pipeline
+    assert client.upload(fake, "cal-pose", "v1", namespace="team-b") == "pipe-new"  # another profile's own
+
+
+def test_the_fake_kfp_client_has_kfp_clients_signatures():
+    """The fakes above stand for kfp.Client: a call they accept must be one kfp.Client accepts."""
+    import inspect
+
+    import kfp
+
+    for name in ("list_pipelines", "upload_pipeline", "upload_pipeline_version", "create_experiment",
+                 "list_recurring_runs", "delete_recurring_run"):
+        ours = [p for p in inspect.signature(getattr(FakeClient, name)).parameters.values()]
+        real = inspect.signature(getattr(kfp.Client, name)).parameters
+        assert all(p.name in real for p in ours), name
 
 
 def test_training_validates_on_the_val_shards_every_val_every_epochs(spec, monkeypatch):
