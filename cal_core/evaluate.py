@@ -181,6 +181,20 @@ def nms_areas(bboxes: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
     return np.array([float(np.prod(box_to_center_size(box, width / height)[1])) for box in np.asarray(bboxes)])
 
 
+def _check_finite(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: np.ndarray) -> None:
+    """Refuse NaN or infinite predictions, which would corrupt OKS-NMS and results.json without a word.
+
+    A NaN pose never counts as a duplicate (``oks <= threshold`` is False)
+    yet suppresses every other person of its image when it scores first,
+    and JSON has no NaN; a model that diverged or overflows is the cause.
+    """
+    bad = ~(np.isfinite(np.asarray(keypoints)).all(axis=(-1, -2)) & np.isfinite(np.asarray(keypoint_scores)).all(-1))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{int(bad.sum())} of {len(bad)} predicted poses hold NaN or infinite keypoints or scores "
+                         f"(first: image {int(np.asarray(image_ids)[first])}): the model diverged or overflows")
+
+
 def coco_results(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: np.ndarray,
                  box_scores: np.ndarray, areas: np.ndarray, nms_threshold: float | None = None
                  ) -> list[dict[str, Any]]:
@@ -195,6 +209,7 @@ def coco_results(image_ids: np.ndarray, keypoints: np.ndarray, keypoint_scores: 
                       ("box_scores", box_scores), ("areas", areas)):
         if len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} rows, image_ids has {n}")
+    _check_finite(image_ids, keypoints, keypoint_scores)
     scores = instance_score(np.asarray(box_scores), np.asarray(keypoint_scores))
     poses = np.concatenate([keypoints, keypoint_scores[..., None]], axis=-1)
     results = []

@@ -68,7 +68,7 @@ def predict(
     keypoints, scores = [], []
     try:
         with torch.inference_mode():
-            for chunk in images.split(batch_size):
+            for chunk in images.split(batch_size) if len(images) else ():  # split() of 0 rows yields one empty chunk
                 outputs = forward(model, chunk.to(device), flip)
                 offset = outputs.get("offset") if codec.has_offsets else None
                 kpts, score = codec.decode(outputs["heatmap"].float(), None if offset is None else offset.float())

@@ -134,6 +134,20 @@ def test_coco_results_with_nms_per_image() -> None:
     assert len(evaluate.coco_results(image_ids, kpts, kp_scores, np.ones(3), np.full(3, 1500.0))) == 3
 
 
+@pytest.mark.parametrize("where", ["keypoint", "score"])
+def test_non_finite_predictions_are_refused_not_scored(where: str) -> None:
+    """A NaN pose scoring first once suppressed the other person of its image and wrote NaN into results.json."""
+    rng = np.random.default_rng(3)
+    kpts = np.stack([rng.uniform(10, 90, (NUM_KEYPOINTS, 2)), rng.uniform(300, 400, (NUM_KEYPOINTS, 2))])
+    kp_scores = np.full((2, NUM_KEYPOINTS), 0.8)
+    if where == "keypoint":
+        kpts[1, 4, 0] = np.nan
+    else:
+        kp_scores[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"1 of 2 predicted poses hold NaN or infinite .* \(first: image 5\)"):
+        evaluate.coco_results(np.array([5, 5]), kpts, kp_scores, np.array([0.5, 1.0]), np.full(2, 1500.0), 0.9)
+
+
 # ----------------------------------------------------------------------------- model runs over real shards
 
 

@@ -114,6 +114,13 @@ def test_predict_rejects_wrong_input_size() -> None:
         infer.predict(TinyNet(), torch.zeros(1, 3, 32, 24), build_codec("udp", SIZE))
 
 
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_predict_on_no_images_returns_empty_results(name: str) -> None:
+    """An image without boxes: (0, K, 2) and (0, K), as the exported keypoints graph returns (it once raised)."""
+    kpts, scores = infer.predict(TinyNet(), torch.zeros(0, 3, *SIZE), build_codec(name, SIZE))
+    assert tuple(kpts.shape) == (0, 17, 2) and tuple(scores.shape) == (0, 17)
+
+
 def test_to_image_coords_by_hand() -> None:
     kpts = np.array([[[1.0, 2.0], [0.0, 0.0]]])
     mats = np.array([[[2.0, 0.0, 10.0], [0.0, 3.0, -5.0]]])
