@@ -303,13 +303,19 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
     would train some samples twice and skip others. The optimisation
     settings must match too: the optimiser and schedule are restored from
     the checkpoint, so a new ``--lr`` or ``--lr-steps`` would be ignored
-    while ``model.pt`` recorded it (older checkpoints lack some of them).
+    while ``model.pt`` recorded it; so must the objective and its inputs
+    (``--alpha``, ``--no-augment``, ``--weights``, and in stage 2 ``--gmm``,
+    whose mixture the checkpoint restores, and ``--init``), or the run would
+    change them midway and record only the new ones (older checkpoints lack
+    some of these: not checked then).
     """
     saved = state["config"]["train"]
     now = {key: getattr(s.config, key) for key in ("method", "stage", "backbone", "batch_size", "seed")}
     was = {key: saved.get(key) for key in now}
-    optimisation = {"lr": s.config.lr, "lr_steps": list(s.config.lr_steps), "weight_decay": s.config.weight_decay,
-                    "stage2_train": s.config.stage2_train, "mgm_update": s.config.mgm_update}
+    optimisation = {"lr": s.config.lr, "lr_steps": list(s.config.lr_steps), "lr_factor": s.config.lr_factor,
+                    "weight_decay": s.config.weight_decay, "stage2_train": s.config.stage2_train,
+                    "mgm_update": s.config.mgm_update, "alpha": s.config.alpha, "augment": s.config.augment,
+                    "weights": s.config.weights, "gmm": s.config.gmm, "init": s.config.init}
     now.update(optimisation)
     was.update({key: saved.get(key, value) for key, value in optimisation.items()})
     shards = "training shards (manifest sha256)"

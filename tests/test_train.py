@@ -311,6 +311,11 @@ def test_resume_refuses_another_seed_or_other_shards(tiny_shards, tmp_path: Path
         train(_config(tiny_shards, out, epochs=2, resume=True, lr=1e-5))
     with pytest.raises(ValueError, match=r"trained with lr_steps=\[\], this run asks for \[1\]"):
         train(_config(tiny_shards, out, epochs=2, resume=True, lr_steps=(1,)))
+    # the objective too: a new alpha or augmentation midway would be recorded as if it had held throughout
+    with pytest.raises(ValueError, match=r"trained with alpha=1.4, this run asks for 50.0"):
+        train(_config(tiny_shards, out, epochs=2, resume=True, alpha=50.0))
+    with pytest.raises(ValueError, match=r"trained with augment=True, this run asks for False"):
+        train(_config(tiny_shards, out, epochs=2, resume=True, augment=False))
     other = tmp_path / "other-shards"
     shutil.copytree(tiny_shards["train"], other)
     manifest = json.loads((other / "manifest.json").read_text())
