@@ -87,9 +87,10 @@ def test_parse_components() -> None:
 
 
 def test_stats_and_plots(tmp_path) -> None:
-    d = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
-    stats = displacement_stats(d)
-    assert stats["count"] == 4 and stats["exact_share"] == 0.25
+    d = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [1.0, 1.0], [0.5, -0.5], [0.2, 0.6]])
+    stats = displacement_stats(d[:4])
+    assert stats["count"] == 4 and stats["nearest_share"] == 0.25
+    assert displacement_stats(d)["nearest_share"] == pytest.approx(2 / 6)  # (0, 0) and (0.5, -0.5); 0.6 is past
     np.testing.assert_allclose(stats["mean"], [0.5, 0.0])
     assert stats["norm_quantiles"]["q50"] == pytest.approx(1.0)
     plot_displacements(d, tmp_path / "d.png")
