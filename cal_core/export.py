@@ -76,7 +76,7 @@ KEYPOINT_SCORES = {
                "not squashed (may leave [0, 1])",
     "dark": "heatmap value at the argmax (before DARK's blur): the regressed Gaussian C (Eq. 2, target "
             "exp(-d^2 / (2 sigma^2))), not squashed (may leave [0, 1])",
-    "udp": "sigmoid of the heatmap logits, blurred (codec blur_kernel, edge border, as UDP's decoder), at its "
+    "udp": "sigmoid of the heatmap logits, blurred (codec blur_kernel, edge-replicated border), at its "
            "argmax: the predicted probability that pixels there lie within R of the joint (disk B, Eqs. 6 and 8)",
     "cal": "heatmap value at the argmax: the regressed G = B * C (Eq. 10: the Gaussian C within R of the "
            "joint, 0 outside), scaled so the target at the joint's nearest pixel is 1; not squashed "

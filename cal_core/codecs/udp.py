@@ -10,8 +10,10 @@ own decoder (UDP-Pose's ``get_final_preds``, mmpose's ``UDPHeatmap``) first
 blurs the predicted disk: a network trained on a flat disk predicts a
 plateau, whose raw argmax lands anywhere in it, while the blurred plateau
 peaks at its centre, where the offsets are most accurate. The ``udp`` codec
-does the same (``blur_kernel``, see :data:`UDP_DEFAULTS`; edge-replicated
-border, on the sigmoid probabilities, scores read from the blurred map); CAL keeps Eq. 9's plain argmax, as its
+does the same (``blur_kernel``, see :data:`UDP_DEFAULTS`, on the sigmoid
+probabilities, scores read from the blurred map) with an edge-replicated
+border, where UDP-Pose and mmpose call ``cv2.GaussianBlur`` with OpenCV's
+default reflect-101 border; CAL keeps Eq. 9's plain argmax, as its
 paper specifies (its Gaussian-weighted target already peaks at the joint).
 UDP-Pose also blurs the offsets (7x7); mmpose does not, nor do we.
 
