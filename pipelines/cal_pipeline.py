@@ -234,9 +234,10 @@ def cal_pipeline(
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
 
     shards = {}
-    for split, detections in (("train", ""), ("val", detections_uri)):
+    # train never reads detections: a constant threshold keeps det_score_thr out of its cache key
+    for split, detections, threshold in (("train", "", 0.0), ("val", detections_uri, det_score_thr)):
         task = downsample(coco_uri=coco_uri, split=split, input_size=input_size, detections_uri=detections,
-                          det_score_thr=det_score_thr, workers=workers, experiment=mlflow_experiment)
+                          det_score_thr=threshold, workers=workers, experiment=mlflow_experiment)
         _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{split}")
         shards[split] = task.outputs["shards"]
 
