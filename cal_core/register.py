@@ -8,11 +8,18 @@ the same input size* (tag ``input_size``: a deployment loading
 champion yet; otherwise it gets alias ``challenger``. Read-then-write:
 MLflow has no compare-and-set, so of two registrations at the same moment
 the later write wins (docs/cluster.md).
+
+Rerunning is safe: a version is tagged with the ONNX file's sha256 and the
+val digest, and a registration that finds such a version (an earlier
+attempt that failed after creating it, a retried task) reuses it instead of
+adding a twin, which, scoring the champion's own AP, would only become its
+challenger.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -83,13 +90,20 @@ def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "ca
     if metrics_doc.get("input_size") and metadata.get("input_size") != metrics_doc["input_size"]:
         raise ValueError(f"model input size {metadata.get('input_size')} does not match the evaluated "
                          f"input size {metrics_doc['input_size']}")
+    if "'" in name:
+        raise ValueError(f"registered model name {name!r}: quotes are not allowed (MLflow search filters)")
     ap = float(metrics_doc["metrics"]["AP"])
-    tags = _model_tags(metrics_doc, metadata)
+    tags = {**_model_tags(metrics_doc, metadata),
+            "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()}
     with tracking.stage_run("register", tags={"model_name": name}) as run:
         run.log_metrics({"AP": ap})
-        version = tracking.register_onnx(run, onnx_path, name, tags)
+        identity = {key: tags[key] for key in ("onnx_sha256", "val_digest")}
+        version = tracking.find_version(name, identity) or tracking.register_onnx(run, onnx_path, name, tags)
         champion = tracking.alias_version(name, CHAMPION)
-        alias, reason = decide(ap, metrics_doc["val_digest"], champion, metadata.get("input_size"))
+        if champion is not None and champion[0] == version:
+            alias, reason = CHAMPION, f"v{version} is this model, made champion by an earlier attempt"
+        else:
+            alias, reason = decide(ap, metrics_doc["val_digest"], champion, metadata.get("input_size"))
         tracking.set_alias(name, alias, version)
         decision = Decision(name, version, alias, reason, ap, champion[0] if champion else None)
         run.set_tags({"alias": alias, "reason": reason, "model_version": version})

@@ -546,6 +546,17 @@ def register_onnx(tracker: Tracker, onnx_path: str | Path, name: str, tags: Mapp
     return str(version.version)
 
 
+def find_version(name: str, tags: Mapping[str, str]) -> str | None:
+    """The newest version of registered model ``name`` carrying all of ``tags``, or None (none, or no such model)."""
+    client = _registry_client()
+    terms = [f"name='{name}'"] + [f"tags.{key}='{value}'" for key, value in tags.items()]
+    try:
+        found = client.search_model_versions(" and ".join(terms))
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(f"could not search the versions of {name!r}: {exc}") from exc
+    return str(max(int(v.version) for v in found)) if found else None
+
+
 def alias_version(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
     """``(version, tags)`` of registered model ``name`` at ``alias``, or None when unset."""
     client = _registry_client()

@@ -94,4 +94,24 @@ def test_unreachable_registry_fails_the_stage(tmp_path: Path, monkeypatch: pytes
     args = argparse.Namespace(model=str(_onnx_file(tmp_path / "m.onnx", "m")),
                               metrics=str(tmp_path / "metrics.json"), name="cal-pose")
     assert register.run(args) == 1
-    assert "MLflow is offline" in capsys.readouterr().err
+    assert f"MLflow registry at http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+
+
+def test_registering_the_same_model_again_reuses_its_version(registry: Path) -> None:
+    """A retried register task (or a rerun) once added a twin version, which became its own challenger."""
+    model = _onnx_file(registry / "a.onnx", "first")
+    first = register.register(model, _metrics(0.50))
+    again = register.register(model, _metrics(0.50))
+    assert (again.version, again.alias) == (first.version, "champion") and "earlier attempt" in again.reason
+    worse = register.register(_onnx_file(registry / "b.onnx", "worse"), _metrics(0.40))
+    assert (worse.version, worse.alias) == ("2", "challenger")
+    assert register.register(_onnx_file(registry / "b.onnx", "worse"), _metrics(0.40)).version == "2"
+    on_other_set = register.register(model, _metrics(0.70, "val-B"))  # same file, another val set: a new version
+    assert on_other_set.version == "3" and on_other_set.alias == "challenger"
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name='cal-pose'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3], [(v.version, v.tags) for v in versions]
+    with pytest.raises(ValueError, match="quotes are not allowed"):
+        register.register(model, _metrics(0.5), name="it's")
