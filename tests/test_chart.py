@@ -175,3 +175,19 @@ def test_setup_job_completes_in_an_istio_injected_profile_namespace():
     job = (CHART / "templates" / "pipeline-job.yaml").read_text()
     template = job[job.index("  template:"):job.index("    spec:")]
     assert 'sidecar.istio.io/inject: "false"' in template
+
+
+def test_network_policies_admit_only_the_pipeline_namespaces_to_mlflow_and_only_mlflow_to_the_database(values):
+    """MLflow has no login and moves the registry's aliases: the chart fences it in (enforcing plugins only)."""
+    assert values["networkPolicy"] == {"enabled": True, "allowedNamespaces": []}
+    policy = (CHART / "templates" / "networkpolicy.yaml").read_text()
+    pods = {c: (CHART / "templates" / f"{c}.yaml").read_text() for c in ("mlflow", "postgresql")}
+    for component, text in pods.items():
+        selector = f"app.kubernetes.io/instance: {{{{ .Release.Name }}}}\n      app.kubernetes.io/component: {component}"
+        assert selector in policy, component  # the policy's podSelector ...
+        assert f"app.kubernetes.io/component: {component}" in text.split("template:")[1]  # ... is the pods' label
+    assert "port: {{ .Values.mlflow.port }}" in policy and "containerPort: {{ .Values.mlflow.port }}" in pods["mlflow"]
+    assert "port: 5432" in policy and "containerPort: 5432" in pods["postgresql"]
+    assert "(list .Release.Namespace (.Values.pipeline.namespace | default .Release.Namespace))" in policy
+    assert 'kubernetes.io/metadata.name: {{ . | quote }}' in policy
+    assert policy.count("policyTypes") == 2 and 'include "cal-pose.usePostgres"' in policy
