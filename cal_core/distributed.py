@@ -13,7 +13,7 @@ ranks, and lets a resumed run skip the batches it already trained on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,10 +118,19 @@ class EpochBatchSampler(Sampler[list[int]]):
     DDP's gradient all-reduce never waits on a rank that ran out of data.
     ``set_epoch(epoch, skip)`` drops the first ``skip`` batches (already
     trained before a resume).
+
+    ``blocks`` (the first index of each shard, then ``num_samples``) and
+    ``window`` shuffle a set larger than the loader's shard cache: shards in
+    a random order, ``window`` at a time, the samples of each window
+    permuted together. Every index still comes once per epoch, and all
+    ranks work through the same window at once, so each process reads each
+    shard about once per epoch instead of once per sample. Without them, or
+    when the window holds every shard, the permutation is uniform.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, blocks: Sequence[int] | None = None,
+                 window: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if num_samples < world_size:
@@ -131,6 +140,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.skip = 0, 0
+        self.blocks = list(blocks) if blocks is not None and 0 < window < len(blocks) - 1 else None
+        if self.blocks is not None and (self.blocks[0] != 0 or self.blocks[-1] != num_samples):
+            raise ValueError(f"blocks must run from 0 to {num_samples}, got {self.blocks[0]}..{self.blocks[-1]}")
+        self.window = window
         if num_samples // world_size < self.batches_per_epoch:  # only batch size 1 with N % W != 0
             raise ValueError(f"batch size {batch_size} over {world_size} ranks and {num_samples} samples "
                              "leaves the ranks with fewer samples an empty batch: use a batch size >= 2")
@@ -149,11 +162,21 @@ class EpochBatchSampler(Sampler[list[int]]):
         """All batches of this rank for the current epoch (before skipping)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
+            order = self._windowed(generator) if self.blocks else torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
         mine = order[self.rank :: self.world_size]
         return [chunk.tolist() for chunk in torch.tensor_split(mine, self.batches_per_epoch)]
+
+    def _windowed(self, generator: torch.Generator) -> torch.Tensor:
+        """Shards in random order, ``window`` at a time, each window's samples permuted together."""
+        starts = self.blocks
+        shards = torch.randperm(len(starts) - 1, generator=generator).tolist()
+        parts = []
+        for first in range(0, len(shards), self.window):
+            ids = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in shards[first:first + self.window]])
+            parts.append(ids[torch.randperm(len(ids), generator=generator)])
+        return torch.cat(parts)
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches()[self.skip :])

@@ -380,7 +380,8 @@ def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
 def _loader(s: Session) -> DataLoader:
     """This epoch's loader: this rank's batches of the epoch permutation, minus those already done."""
     sampler = distributed.EpochBatchSampler(len(s.dataset), s.config.batch_size, s.ctx.rank,
-                                            s.ctx.world_size, s.config.seed)
+                                            s.ctx.world_size, s.config.seed, blocks=s.dataset.shard_starts,
+                                            window=s.dataset.window)
     sampler.set_epoch(s.epoch, s.epoch_step)
     if hasattr(s.dataset, "set_epoch"):
         s.dataset.set_epoch(s.epoch)

@@ -192,11 +192,46 @@ def test_cache_stays_bounded_and_gives_the_same_samples(shard_set: Path) -> None
     codec = build_codec("heatmap", INPUT)
     full = ShardDataset(str(shard_set), codec, train=False)
     small = ShardDataset(str(shard_set), codec, train=False, cache_bytes=1)
-    assert len(small._cache) == 1
+    assert len(small._cache) == 0 and small.window == 1  # no shard fits: none is kept from the constructor
     for i in (0, len(full) - 1, 13, 2):
         assert torch.equal(small[i]["image"], full[i]["image"])
         assert len(small._cache) == 1
     assert len(full._cache) == len(full.manifest["shards"])
+
+
+def test_numpy_and_torch_integer_indices_give_the_same_training_sample(shard_set: Path) -> None:
+    """The augmentation seed is built from the index: a numpy or torch integer once raised TypeError there."""
+    dataset = ShardDataset(str(shard_set), build_codec("cal", INPUT), train=True, seed=1)
+    dataset.set_epoch(2)
+    want = dataset[3]["image"]
+    assert torch.equal(dataset[np.int64(3)]["image"], want) and torch.equal(dataset[torch.tensor(3)]["image"], want)
+
+
+def test_a_set_larger_than_the_cache_reads_each_shard_about_once_per_epoch(shard_set: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uniform shuffle over a set the cache cannot hold reloads a shard for most samples; windows do not."""
+    codec = build_codec("heatmap", INPUT)
+    full = ShardDataset(str(shard_set), codec, train=True)
+    shards = len(full.manifest["shards"])
+    largest = max(shard.nbytes for shard in full._cache.values())
+    small = ShardDataset(str(shard_set), codec, train=True, cache_bytes=int(2.5 * largest))
+    assert small.window == 2 and sorted(small._cache) == [0, 1]  # the leading shards that fit, no eviction
+    loads = []
+    original = ShardDataset._load
+    monkeypatch.setattr(ShardDataset, "_load", lambda self, i: loads.append(i) or original(self, i))
+
+    def epoch_loads(**windowing) -> int:
+        loads.clear()
+        sampler = EpochBatchSampler(len(small), 4, seed=5, **windowing)
+        sampler.set_epoch(1)
+        for batch in sampler:
+            for i in batch:
+                small[i]
+        return len(loads)
+
+    windowed = epoch_loads(blocks=small.shard_starts, window=small.window)
+    assert windowed <= shards, windowed  # each shard read at most once (the first two may still be cached)
+    assert epoch_loads() > 2 * shards  # the uniform shuffle it replaces
 
 
 def test_bad_inputs_fail_with_the_file_named(shard_set: Path, tmp_path: Path) -> None:

@@ -40,6 +40,39 @@ def test_epochs_shuffle_differently_and_reproducibly() -> None:
     assert list(b) == first
 
 
+@pytest.mark.parametrize(("world", "batch"), [(1, 4), (2, 4), (3, 2)])
+def test_windows_of_shards_cover_every_sample_and_load_each_shard_once(world: int, batch: int) -> None:
+    """Shard sizes 7, 5, 9, 4, 6 and a cache of 2 shards: each rank's order reads each shard at most once."""
+    starts = [0, 7, 12, 21, 25, 31]
+    shard_of = {i: s for s in range(5) for i in range(starts[s], starts[s + 1])}
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            sampler = EpochBatchSampler(31, batch, rank, world, seed=4, blocks=starts, window=2)
+            sampler.set_epoch(epoch)
+            order = [i for b in sampler for i in b]
+            seen += order
+            cache: list[int] = []  # an LRU of 2 shards, as the dataset keeps
+            loads = 0
+            for i in order:
+                if shard_of[i] in cache:
+                    cache.remove(shard_of[i])
+                else:
+                    loads += 1
+                cache = (cache + [shard_of[i]])[-2:]
+            assert loads <= 5, (rank, loads)
+        assert sorted(seen) == list(range(31))
+
+
+def test_a_window_holding_every_shard_is_the_uniform_shuffle() -> None:
+    plain, windowed = EpochBatchSampler(31, 4, seed=4), EpochBatchSampler(31, 4, seed=4, blocks=[0, 9, 31], window=2)
+    for sampler in (plain, windowed):
+        sampler.set_epoch(3)
+    assert list(plain) == list(windowed)
+    with pytest.raises(ValueError, match="blocks must run from 0 to 31"):
+        EpochBatchSampler(31, 4, blocks=[0, 9, 30], window=1)
+
+
 def test_skip_resumes_inside_an_epoch() -> None:
     sampler = EpochBatchSampler(50, 10, seed=2)
     sampler.set_epoch(4)

@@ -18,10 +18,14 @@ augmentation does not depend on which worker or rank produced it and a
 resumed run sees the same data.
 
 Memory: shards are held decoded-from-parquet (JPEG bytes plus small label
-arrays) in a per-process LRU cache bounded by ``cache_bytes``. The shards
-that fit are loaded in the constructor, so DataLoader workers forked later
-share those pages instead of each reading them again; if a set does not fit,
-the rest is loaded on demand and evicted least-recently-used (slower, bounded).
+arrays) in a per-process LRU cache bounded by ``cache_bytes``. The leading
+shards that fit are loaded in the constructor, so DataLoader workers forked
+later share those pages instead of each reading them again. A set that does
+not fit is loaded on demand and evicted least-recently-used; a uniform
+shuffle would then reload a whole shard for most samples, so training
+shuffles within windows of :attr:`ShardDataset.window` shards instead
+(``EpochBatchSampler``'s ``blocks``): each shard is read about once per
+epoch and process.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import bisect
 import hashlib
 import json
 import logging
+import operator
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -228,19 +233,29 @@ class ShardDataset(Dataset):
         """``(len(self),)`` int64 annotation id of every sample, in index order (-1: a detector box)."""
         return np.concatenate([np.zeros(0, np.int64)] + [self._shard(i).ann_id for i in range(len(self._shards))])
 
+    @property
+    def shard_starts(self) -> list[int]:
+        """Index of each shard's first sample, then ``len(self)``: the blocks a windowed shuffle keeps together."""
+        return list(self._starts)
+
     def _preload(self) -> None:
-        """Load shards in order while they fit the cache (shared by forked DataLoader workers)."""
+        """Load the leading shards that fit the cache together (shared by forked DataLoader workers).
+
+        Sets :attr:`window`, how many shards fit at once (all of them when the
+        set fits), from the largest shard seen.
+        """
+        self.window = len(self._shards)
+        largest = 0
         for i in range(len(self._shards)):
-            if self._cached_bytes >= self.cache_bytes:
-                log.info(
-                    "%s: %d of %d shards preloaded (cache %.1f GiB full); the rest load on demand",
-                    self.uri,
-                    i,
-                    len(self._shards),
-                    self.cache_bytes / 2**30,
-                )
+            shard = self._load(i)
+            largest = max(largest, shard.nbytes)
+            if self._cached_bytes + shard.nbytes > self.cache_bytes:
+                self.window = max(1, int(self.cache_bytes // largest))
+                log.info("%s: %d of %d shards fit the %.1f GiB cache; training shuffles within windows of %d "
+                         "shards", self.uri, i, len(self._shards), self.cache_bytes / 2**30, self.window)
                 return
-            self._shard(i)
+            self._cache[i] = shard
+            self._cached_bytes += shard.nbytes
 
     def _shard(self, i: int) -> _Shard:
         """Shard ``i`` from the LRU cache, loading (and evicting least-recently-used) as needed."""
@@ -272,6 +287,7 @@ class ShardDataset(Dataset):
         return _parse_shard(table, uri)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = operator.index(index)  # numpy/torch integers too: the augmentation seed needs a Python int
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples in {self.uri}")
         shard_i = bisect.bisect_right(self._starts, index) - 1
