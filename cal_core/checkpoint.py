@@ -77,8 +77,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((state["numpy_kind"], keys, state["numpy_pos"], state["numpy_has_gauss"],
                          state["numpy_cached"]))
     torch.set_rng_state(state["torch"].to(torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as this process sees (a resume may see fewer)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.to(torch.uint8), index)
 
 
 def save(uri: str, state: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ ranks, and lets a resumed run skip the batches it already trained on.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+#: Minutes a collective waits for the other ranks (env): rank 0 validates and writes checkpoints alone
+#: while the others wait in the next epoch's first all-reduce, so it must outlast a validation pass.
+TIMEOUT_ENV = "CAL_POSE_DDP_TIMEOUT_MIN"
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ def init(preference: str = "auto") -> DistContext:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "60"))))
     return DistContext(rank, world, local_rank, device)
 
 

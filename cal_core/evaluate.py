@@ -387,7 +387,7 @@ def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, 
 
 
 def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64, workers: int = 0,
-            overlays: int = 0) -> Collected:
+            overlays: int = 0, progress: bool = True) -> Collected:
     """Run ``predictor`` over an eval-mode ShardDataset; keypoints back in image pixels."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -400,7 +400,7 @@ def collect(predictor: Predictor, dataset: Any, codec: Any, batch_size: int = 64
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("image_ids", "ann_ids", "keypoints", "scores",
                                                            "box_scores", "bboxes")}
     shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
         kpts, scores = predictor(batch)
         meta = batch["meta"]
         shown += _overlay_items(batch, kpts, scores, codec, overlays - len(shown))
@@ -461,7 +461,7 @@ def val_digest(gt_bytes: bytes, collected: Collected) -> str:
 
 
 def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = True, device: Any = None,
-                   batch_size: int = 64) -> dict[str, float]:
+                   batch_size: int = 64, progress: bool = True) -> dict[str, float]:
     """COCO keypoint AP/AR of an in-memory torch model on a shard set (train.py's validation)."""
     from cal_core.data.dataset import ShardDataset
     from cal_core.storage import join, read_bytes
@@ -472,7 +472,7 @@ def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = T
     dataset = ShardDataset(shards_uri, codec, train=False)
     gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
     got = collect(torch_predictor(model, codec, flip, device), scored_subset(dataset, gt, shards_uri), codec,
-                  batch_size)
+                  batch_size, progress=progress)
     return coco_keypoint_ap(gt, protocol_results(got, codec.input_size))
 
 

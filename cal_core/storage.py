@@ -18,6 +18,7 @@ raise :class:`StorageError` naming the URI.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import os
@@ -178,6 +179,21 @@ def temp_beside(path: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def remove_temporaries(folder: str | Path, name: str) -> int:
+    """Delete what killed atomic writes of ``<folder>/<name>`` left behind; how many (S3 writes leave none).
+
+    A SIGKILL between :func:`temp_beside` and the rename skips the clean-up,
+    and each such file is a full copy (a checkpoint: hundreds of MB).
+    """
+    if is_s3(folder):
+        return 0
+    stale = list(_local(folder).glob(f".{glob.escape(name)}.*.tmp"))
+    for tmp in stale:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return len(stale)
 
 
 @contextlib.contextmanager

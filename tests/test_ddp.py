@@ -131,6 +131,19 @@ def test_two_process_cpu_ddp_trains_once_per_sample_and_rank0_writes(tiny_shards
     assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
 
 
+def test_a_head_with_outputs_the_loss_never_reads_trains_under_ddp(tiny_shards, tmp_path: Path) -> None:
+    """heatmap with --head dual: the offset branch gets no gradient, which DDP once refused at the second step."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cal_core.cli", "train",
+           "--shards", tiny_shards["train"], "--method", "heatmap", "--head", "dual", "--epochs", "1",
+           "--batch-size", "8", "--workers", "0", "--device", "cpu", "--val-every", "0", "--no-progress",
+           "--threads", "1", "--lr-steps", "", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "CAL_POSE_TRACKING": "off", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoint.load(str(tmp_path / "run" / "model.pt"))["step"] == 3
+
+
 def _gather_worker(rank: int, world: int, port: int, results) -> None:
     """One gloo rank: rank r contributes r rows of value r (rank 0 none), returns the gathered rows."""
     import torch.distributed as dist

@@ -32,6 +32,16 @@ def test_canonical_gives_one_spelling_per_location(tmp_path: Path, monkeypatch: 
     assert storage.canonical("s3://bucket/coco") == "s3://bucket/coco"
 
 
+def test_temporaries_of_killed_writes_are_removed(tmp_path: Path) -> None:
+    (tmp_path / "last.pt").write_bytes(b"good")
+    for leftover in (".last.pt.0a1b2c3d4e5f.tmp", ".last.pt.ffffffffffff.tmp"):
+        (tmp_path / leftover).write_bytes(b"partial")
+    (tmp_path / ".model.pt.000000000000.tmp").write_bytes(b"other file's")
+    assert storage.remove_temporaries(tmp_path, "last.pt") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pt.000000000000.tmp", "last.pt"]
+    assert storage.remove_temporaries("s3://bucket/run", "last.pt") == 0
+
+
 def test_local_round_trip_is_atomic(tmp_path: Path) -> None:
     uri = str(tmp_path / "deep" / "dir" / "f.bin")
     storage.write_bytes(uri, b"one")

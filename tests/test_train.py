@@ -88,16 +88,53 @@ def test_fit_gmm_writes_the_mixture_statistics_and_plots(stage1) -> None:
     assert (folder / "mlflow-offline.jsonl").is_file()
 
 
-def test_amp_uses_bf16_autocast_without_a_scaler_on_cpu(tiny_shards, tmp_path: Path) -> None:
+def test_amp_is_for_gpus_and_its_bf16_path_trains(tiny_shards, tmp_path: Path) -> None:
+    """--amp on the CPU is ignored (bf16 autocast there is ~10x slower); the bf16 step itself works."""
     from cal_core.train import amp_dtype_for
 
     assert amp_dtype_for(torch.device("cpu"), amp=False) is None
-    assert amp_dtype_for(torch.device("cpu"), amp=True) == torch.bfloat16
+    assert amp_dtype_for(torch.device("cpu"), amp=True) is None
     session = build_session(_config(tiny_shards, tmp_path, method="udp", amp=True), CPU)
-    assert session.amp_dtype == torch.bfloat16 and not session.scaler.is_enabled()
+    assert session.amp_dtype is None and not session.scaler.is_enabled()
+    session.amp_dtype = torch.bfloat16  # what a GPU with bf16 runs
     batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
     losses = [float(train_step(session, batch)[0]) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tiny_shards, tmp_path: Path) -> None:
+    """A finite loss with an inf gradient once reached Adam, which wrote NaN into the weights (and last.pt)."""
+    from cal_core.train import NonFiniteLossError
+
+    session = build_session(_config(tiny_shards, tmp_path, method="udp"), CPU)
+    weight = next(session.model.parameters())
+    before = weight.detach().clone()
+    weight.register_hook(lambda grad: grad * float("inf"))
+    batch = next(iter(torch.utils.data.DataLoader(session.dataset, batch_size=8)))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient .* stopped without updating the weights"):
+        train_step(session, batch)
+    assert torch.equal(weight.detach(), before)
+
+
+def test_a_checkpoint_without_fp16_state_resumes_under_fp16(tiny_shards, tmp_path: Path) -> None:
+    """last.pt written without amp (or with bf16) holds an empty scaler state, which an fp16 scaler refused."""
+    from cal_core.train import _restore, _save_last
+
+    session = build_session(_config(tiny_shards, tmp_path), CPU)
+    _save_last(session)
+    resumed = build_session(_config(tiny_shards, tmp_path), CPU)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # a retried pod on a GPU without bf16
+    _restore(resumed, checkpoint.latest(str(tmp_path)))
+    assert resumed.scaler.is_enabled()
+
+
+def test_stage2_settings_in_stage1_and_alpha_without_offsets_are_refused(tiny_shards, tmp_path: Path) -> None:
+    for settings, message in (({"gmm": "gmm.json"}, "--gmm is for stage 2"),
+                              ({"mgm_update": "batch"}, "--mgm-update is for stage 2"),
+                              ({"stage2_train": "offset"}, "--stage2-train is for stage 2"),
+                              ({"method": "heatmap", "alpha": 5.0}, "method 'heatmap' has no offsets")):
+        with pytest.raises(ValueError, match=message):
+            _config(tiny_shards, tmp_path, **settings)
 
 
 def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tmp_path: Path) -> None:
