@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cal_core.export", "export a checkpoint to ONNX and check parity"),
     "evaluate": ("cal_core.evaluate", "COCO OKS AP of a model on val shards (pycocotools)"),
     "register": ("cal_core.register", "register an ONNX model in MLflow; promote to champion if better"),
-    "pipeline": ("pipelines.cli", "compile / run locally / submit / schedule the Kubeflow pipeline"),
+    "pipeline": ("pipelines.cli", "compile / run locally / upload / submit / schedule the Kubeflow pipeline"),
 }
 
 

@@ -9,12 +9,13 @@
   it (``--mgm-update batch``, Alg. 1).
 
 The loop runs on a CPU, one GPU (``--amp``: bf16 autocast where supported,
-fp16 + GradScaler otherwise) or several processes under ``torchrun`` (DDP;
+fp16 + GradScaler otherwise; ignored on the CPU) or several processes under ``torchrun`` (DDP;
 gloo on CPU, NCCL on GPU). Rank 0 writes ``<out>/last.pt`` atomically after
 every epoch (and every ``--checkpoint-every`` steps) and ``<out>/model.pt``
 at the end; ``--resume`` continues from ``last.pt`` exactly (same batches,
-same RNG states). A non-finite loss stops the run with an error naming the
-epoch and step; the last good checkpoint stays. MLflow goes through
+same RNG states). A non-finite loss or gradient stops the run before the
+optimiser step, with an error naming the epoch and step; the last good
+checkpoint stays. MLflow goes through
 :mod:`cal_core.tracking`, which never lets an unreachable server stop training.
 """
 
@@ -86,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``cal-pose train`` (docs/architecture.md, CLI contract)."""
     add = parser.add_argument
     add("--shards", required=True, help="training shards: <dir or s3 prefix> with manifest.json")
-    add("--val-shards", default=None, help="validation shards (GT boxes) for COCO AP every --val-every epochs")
+    add("--val-shards", default=None, help="validation shards (GT or detection boxes) for COCO AP every "
+                                              "--val-every epochs")
     add("--method", required=True, choices=("heatmap", "dark", "udp", "cal"))
     add("--stage", type=int, default=1, choices=(1, 2), help="CAL training stage (2 needs --init and --gmm)")
     add("--backbone", default="tiny")
@@ -116,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, default=10, help="log step metrics every N steps")
     add("--max-steps", type=int, default=0, help="stop after N optimizer steps in total (0 = no limit)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 + GradScaler")
+    add("--amp", action="store_true", help="mixed precision on the GPU: bf16 where supported, else fp16 + "
+                                            "GradScaler (ignored with a warning on the CPU)")
     add("--seed", type=int, default=0)
     add("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
     add("--no-augment", action="store_true", help="train without augmentation")
@@ -494,7 +497,7 @@ def _epoch_metrics(s: Session, totals: dict[str, float], seen: int, seconds: flo
 
 
 def validate(s: Session) -> dict[str, float]:
-    """COCO keypoint AP on ``--val-shards`` (GT boxes) through :mod:`cal_core.evaluate`."""
+    """COCO keypoint AP on ``--val-shards`` (GT or detection boxes) through :mod:`cal_core.evaluate`."""
     from cal_core.evaluate import evaluate_model
 
     metrics = evaluate_model(s.model, s.codec, s.config.val_shards, flip=s.config.val_flip,
