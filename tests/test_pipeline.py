@@ -200,6 +200,15 @@ def test_caching_downsample_yes_register_no(spec):
     assert not tasks["register"]["cachingOptions"].get("enableCache", False)
 
 
+def test_the_training_split_cache_key_leaves_out_the_detection_threshold(spec):
+    """downsample-train reads no detections: a pipeline det_score_thr there re-cut the training shards."""
+    tasks = _tasks(spec)
+    train = tasks["downsample-train"]["inputs"]["parameters"]["det_score_thr"]
+    val = tasks["downsample-val"]["inputs"]["parameters"]["det_score_thr"]
+    assert train == {"runtimeValue": {"constant": 0.0}}
+    assert val == {"componentInputParameter": "det_score_thr"}
+
+
 def test_secrets_come_from_kubernetes_secrets_not_parameters(spec):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert not [name for name in params if re.search(r"secret|password|token|access_key", name, re.I)]
