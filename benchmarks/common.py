@@ -1,16 +1,21 @@
 """Shared results writer for the benchmarks.
 
 Every benchmark writes ``benchmarks/results/<name>.json`` with the same
-envelope, ``{"benchmark", "command", "machine", "versions", "rows"}``, so the
-numbers can be traced to the machine, library versions and command line that
-produced them.
+envelope, ``{"benchmark", "command", "machine", "versions", "code", "utc",
+"rows"}``, so the numbers can be traced to the machine, library versions,
+code (git commit, and whether the tree had uncommitted changes), time and
+command line that produced them. ``--quick`` smoke runs go to
+``benchmarks/results/quick/`` (not committed), so they never replace a real
+result.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
@@ -58,19 +63,38 @@ def versions() -> dict[str, str]:
     return found
 
 
+def code_version() -> dict[str, Any]:
+    """The git commit of this checkout and whether tracked files differ from it (None outside git)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def write_results(name: str, rows: list[dict[str, Any]], out_dir: Path | str | None = None,
                   extra: dict[str, Any] | None = None) -> Path:
     """Atomically write ``<out_dir>/<name>.json`` with the shared envelope and return its path.
 
-    ``extra`` adds top-level fields (e.g. ``"quick": True``, settings) next to the envelope.
+    ``extra`` adds top-level fields (e.g. ``"quick": True``, settings) next to the envelope;
+    a quick run without ``out_dir`` goes to ``results/quick/``.
     """
-    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    quick = bool((extra or {}).get("quick"))
+    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR / "quick" if quick else RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([sys.executable, *sys.argv]),
         "machine": machine_info(),
         "versions": versions(),
+        "code": code_version(),
+        "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **(extra or {}),
         "rows": rows,
     }
