@@ -78,6 +78,10 @@ def code_version() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
+#: The code a benchmark ran: taken when it starts (this module is imported first), not when it writes.
+CODE_AT_START = code_version()
+
+
 def write_results(name: str, rows: list[dict[str, Any]], out_dir: Path | str | None = None,
                   extra: dict[str, Any] | None = None) -> Path:
     """Atomically write ``<out_dir>/<name>.json`` with the shared envelope and return its path.
@@ -93,7 +97,7 @@ def write_results(name: str, rows: list[dict[str, Any]], out_dir: Path | str | N
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": machine_info(),
         "versions": versions(),
-        "code": code_version(),
+        "code": CODE_AT_START,
         "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **(extra or {}),
         "rows": rows,
