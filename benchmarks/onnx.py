@@ -4,7 +4,9 @@ For each backbone (tiny, hrnet_w18_small, hrnet_w32) and input size (64x48,
 128x96) the network (heatmap head, random weights: speed does not depend on
 them) runs in torch eager (``no_grad``, float32) and through its exported
 ``raw`` ONNX graph in onnxruntime's CPU provider, both with the same thread
-count. Each timing is the median of several runs after warm-up.
+count. The two are timed in turns (torch, onnxruntime, torch, ...) after
+warm-up, so a change of machine load hits both; each timing is the median of
+its runs.
 
     .venv/bin/python -m benchmarks.onnx [--quick]
 
@@ -36,16 +38,19 @@ LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 32
 
 
-def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+def paired_median_seconds(first: Callable[[], Any], second: Callable[[], Any], warmup: int,
+                          repeats: int) -> tuple[float, float]:
+    """Median wall times of ``first()`` and ``second()``, called in turns ``repeats`` times after warm-up."""
     for _ in range(warmup):
-        fn()
-    times = []
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_one(backbone: str, size: tuple[int, int], repeats: int, threads: int, tmp: Path) -> list[dict[str, Any]]:
@@ -62,9 +67,9 @@ def bench_one(backbone: str, size: tuple[int, int], repeats: int, threads: int, 
         feed = {"x": x.numpy()}
         with torch.inference_mode():
             want = graph(x)[0].numpy()
-            torch_s = median_seconds(lambda x=x: graph(x), warmup=2, repeats=repeats)
-        got = session.run(None, feed)[0]
-        ort_s = median_seconds(lambda feed=feed: session.run(None, feed), warmup=2, repeats=repeats)
+            got = session.run(None, feed)[0]
+            torch_s, ort_s = paired_median_seconds(lambda x=x: graph(x), lambda feed=feed: session.run(None, feed),
+                                                   warmup=2, repeats=repeats)
         rows.append({
             "model": backbone, "input_size": f"{size[0]}x{size[1]}", "batch": batch,
             "torch_ms": 1000 * torch_s, "ort_ms": 1000 * ort_s,
