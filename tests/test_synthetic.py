@@ -136,9 +136,16 @@ def test_cli_synth_writes_the_tree(tmp_path: Path) -> None:
     assert len(val["annotations"]) == 3
 
 
-def test_negative_counts_are_rejected(tmp_path: Path) -> None:
+def test_negative_counts_and_bad_quality_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ValueError, match="people counts"):
         synthetic.generate(tmp_path, -1, 2)
+    with pytest.raises(ValueError, match="JPEG quality must be 1..100, got 500"):
+        synthetic.generate(tmp_path, 1, 1, quality=500)
+    for flags in (["--train", "-1", "--val", "1"], ["--train", "1", "--val", "1", "--quality", "500"]):
+        with pytest.raises(SystemExit) as stopped:  # a usage error, not a traceback
+            cli_main(["synth", "--out", str(tmp_path / "cli"), *flags])
+        assert stopped.value.code == 2 and "is outside" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
 
 
 def test_plain_style_has_one_person_per_scene_on_an_uncluttered_background(tmp_path: Path) -> None:

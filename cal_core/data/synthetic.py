@@ -636,6 +636,8 @@ def generate(
     """
     if n_train < 0 or n_val < 0:
         raise ValueError(f"people counts must be >= 0, got train={n_train}, val={n_val}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be 1..100, got {quality}")
     if style not in STYLES:
         raise ValueError(f"unknown scene style {style!r}; choose one of {sorted(STYLES)}")
     out = Path(out_dir)
@@ -652,13 +654,24 @@ def generate(
     return written
 
 
+def _int_in(low: int, high: int | None) -> Any:
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None), else a usage error."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{'' if high is None else high}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cal-pose synth`` options."""
     parser.add_argument("--out", required=True, help="output folder (COCO layout)")
-    parser.add_argument("--train", type=int, required=True, help="number of training PEOPLE (not images)")
-    parser.add_argument("--val", type=int, required=True, help="number of validation PEOPLE (not images)")
+    parser.add_argument("--train", type=_int_in(0, None), required=True, help="number of training PEOPLE (not images)")
+    parser.add_argument("--val", type=_int_in(0, None), required=True, help="number of validation PEOPLE (not images)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-    parser.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality of the scenes")
+    parser.add_argument("--quality", type=_int_in(1, 100), default=JPEG_QUALITY, help="JPEG quality of the scenes (1-100)")
     parser.add_argument("--style", choices=sorted(STYLES), default="full",
                         help="scene style: full (clutter, occluders, crowds) or plain (one person, no clutter)")
 
