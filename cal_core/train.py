@@ -31,7 +31,7 @@ import os
 import random
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,39 +359,32 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _stop_if_non_finite(bad: bool, what: Callable[[], str], s: Session) -> None:
-    """Stop every rank together with a clear error when ``bad`` holds on any of them, before the update."""
-    flag = torch.tensor([1.0 if bad else 0.0], device=s.ctx.device)
-    if float(distributed.all_reduce_sum(flag, s.ctx)) == 0.0:
+def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], s: Session) -> None:
+    """Stop every rank together, before the optimiser step, when the loss or a gradient is NaN/inf on any rank.
+
+    A finite loss can still give a non-finite gradient (an overflow in the
+    backward pass): Adam would write it into the weights and the next save
+    would keep them. With fp16 autocast the GradScaler handles gradients
+    itself (it skips such steps and lowers its scale), so only the loss is
+    checked then. Both flags stay on the device and cross the ranks in one
+    all-reduce: one host sync per step.
+    """
+    grads = [p.grad for p in s.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads, float("inf")) if grads and not s.scaler.is_enabled() \
+        else torch.zeros((), device=s.ctx.device)
+    local = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)]).float()
+    if not bool(distributed.all_reduce_sum(local, s.ctx).any()):
         return
+    loss_bad, grad_bad = (bool(v) for v in local.tolist())
+    if loss_bad:
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        what = f"loss {float(loss.detach()):.4g} ({detail})"
+    else:
+        what = "gradient (a finite loss, an overflow in the backward pass)" if grad_bad else "values on another rank"
     last = checkpoint.latest(s.config.out)
     raise NonFiniteLossError(
-        f"non-finite {what() if bad else 'values on another rank'} at epoch {s.epoch + 1}, step {s.step + 1} "
-        f"(batch {s.epoch_step + 1} of the epoch); stopped without updating the weights. "
-        f"Last good checkpoint: {last or 'none yet'}")
-
-
-def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], s: Session) -> None:
-    """Stop when the loss is NaN/inf on any rank (all ranks stop together)."""
-    def what() -> str:
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        return f"loss {float(loss.detach()):.4g} ({detail})"
-
-    _stop_if_non_finite(not bool(torch.isfinite(loss)), what, s)
-
-
-def _check_gradients(s: Session) -> None:
-    """Stop when a gradient is NaN/inf: Adam would write it into the weights and the next save would keep them.
-
-    A finite loss can still give one (an overflow in the backward pass). With
-    fp16 autocast the GradScaler handles this itself: it skips such steps and
-    lowers its scale.
-    """
-    if s.scaler.is_enabled():
-        return
-    grads = [p.grad for p in s.model.parameters() if p.grad is not None]
-    bad = bool(torch.stack([~torch.isfinite(g).all() for g in grads]).any()) if grads else False
-    _stop_if_non_finite(bad, lambda: "gradient (a finite loss, an overflow in the backward pass)", s)
+        f"non-finite {what} at epoch {s.epoch + 1}, step {s.step + 1} (batch {s.epoch_step + 1} of the epoch); "
+        f"stopped without updating the weights. Last good checkpoint: {last or 'none yet'}")
 
 
 def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -405,10 +398,9 @@ def train_step(s: Session, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[st
     if s.masks is not None:
         mgm_masks = s.masks(outputs["heatmap"], batch["joints_hm"], batch["weights"])
     loss, terms = s.loss_fn(outputs, batch["targets"], batch["weights"], mgm_masks)
-    _check_finite(loss, terms, s)
     s.optimizer.zero_grad(set_to_none=True)
     s.scaler.scale(loss).backward()
-    _check_gradients(s)
+    _check_finite(loss, terms, s)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     return loss.detach(), terms
