@@ -57,17 +57,14 @@ class DarkCodec(HeatmapCodec):
         """Pixels from the map's edge from which the Newton step is taken (:func:`reliable_border`)."""
         return reliable_border(self.settings.sigma, self.settings.blur_kernel)
 
-    def _fallback_torch(self, heatmap: torch.Tensor, index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
-        """The heatmap codec's shift (quarter shift, if enabled) where no Newton step is taken."""
-        return quarter_shift_torch(heatmap, index, xy) if self.settings.quarter_shift else torch.zeros_like(xy)
-
     def decode(self, heatmap: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax refined by a Newton step on the smoothed log heatmap, in input pixels."""
         self._check_heatmap(heatmap)
         n, k, h, w = heatmap.shape
         index, xy, score = argmax_torch(heatmap)
         stride = torch.as_tensor(self.stride, dtype=heatmap.dtype, device=heatmap.device)
-        shift = self._fallback_torch(heatmap, index, xy)
+        # the heatmap codec's shift wherever no Newton step is taken
+        shift = quarter_shift_torch(heatmap, index, xy) if self.settings.quarter_shift else torch.zeros_like(xy)
         if h < 3 or w < 3:  # no pixel has the 3x3 neighbourhood the Newton step reads
             return (xy + shift) * stride, score
         # float32 even under AMP: LOG_FLOOR underflows to 0 in float16 and the log would be -inf
@@ -119,7 +116,8 @@ def _newton_step(
 ) -> torch.Tensor:
     """``(-H^-1 g, ok)`` from the 3x3 log neighbourhood (diagonals: up-left, up-right, down-left, down-right).
 
-    ``ok`` where the Hessian is negative definite (the step is zero elsewhere); clipped to ``MAX_STEP`` per axis.
+    ``ok`` where the Hessian is negative definite: the step, clipped to ``MAX_STEP`` per axis, means
+    something only there (the caller keeps its fallback elsewhere).
     """
     gx, gy = (right - left) / 2, (down - up) / 2
     dxx, dyy = right - 2 * c + left, down - 2 * c + up
@@ -129,8 +127,7 @@ def _newton_step(
     safe_det = torch.where(ok, det, torch.ones_like(det))
     step_x = -(dyy * gx - dxy * gy) / safe_det
     step_y = -(dxx * gy - dxy * gx) / safe_det
-    step = torch.stack([step_x, step_y], dim=-1).clamp(-MAX_STEP, MAX_STEP)
-    return torch.where(ok.unsqueeze(-1), step, torch.zeros_like(step)), ok
+    return torch.stack([step_x, step_y], dim=-1).clamp(-MAX_STEP, MAX_STEP), ok
 
 
 @functools.lru_cache(maxsize=64)
