@@ -575,11 +575,44 @@ def set_alias(name: str, alias: str, version: str) -> None:
 
 
 def load_registered_onnx(model_uri: str) -> Any:
-    """The ``onnx.ModelProto`` behind a registry URI such as ``models:/cal-pose@champion``."""
-    import mlflow
+    """The ``onnx.ModelProto`` behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Resolved with a client of its own (:func:`_registry_client`), so mlflow's
+    process-wide tracking and registry URIs stay what the caller set:
+    ``mlflow.onnx.load_model`` on a ``models:/`` URI reads them, and setting
+    them here would redirect the caller's own runs.
+    """
+    import tempfile
+
     import mlflow.onnx
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.onnx.load_model(model_uri)
+    name, alias, number = _parse_models_uri(model_uri)
+    client = _registry_client()
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        with tempfile.TemporaryDirectory(prefix="cal-pose-model-") as tmp:
+            local = client.download_artifacts(version.run_id, _run_path(version.source, version.run_id), tmp)
+            return mlflow.onnx.load_model(local)
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(f"could not load {model_uri}: {exc}") from exc
+
+
+def _parse_models_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (one of the two is None)."""
+    path = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    if "@" in path and "/" not in path:
+        name, alias = path.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    parts = path.split("/")
+    if len(parts) == 2 and parts[0] and parts[1].isdigit():
+        return parts[0], None, parts[1]
+    raise RegistryError(f"{model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def _run_path(source: str, run_id: str) -> str:
+    """The artifact path inside run ``run_id`` of a version's ``runs:/RUN_ID/PATH`` source (register_onnx's)."""
+    prefix = f"runs:/{run_id}/"
+    if not source.startswith(prefix):
+        raise RegistryError(f"model source {source!r} is not an artifact of run {run_id} (not made by register)")
+    return source[len(prefix):]

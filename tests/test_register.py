@@ -73,6 +73,25 @@ def test_first_better_worse_and_loading_the_champion(registry: Path) -> None:
     assert {p.key: p.value for p in challenger.metadata_props}["marker"] == "other"
 
 
+def test_loading_leaves_mlflow_globals_alone(registry: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register.register(_onnx_file(registry / "a.onnx", "first"), _metrics(0.50))
+    register.register(_onnx_file(registry / "b.onnx", "second"), _metrics(0.40))
+    import mlflow
+
+    def refuse(uri: str) -> None:
+        raise AssertionError(f"a library call set mlflow's process-wide URI to {uri}")
+
+    monkeypatch.setattr(mlflow, "set_tracking_uri", refuse)
+    monkeypatch.setattr(mlflow, "set_registry_uri", refuse)
+    by_number = tracking.load_registered_onnx("models:/cal-pose/2")
+    assert {p.key: p.value for p in by_number.metadata_props}["marker"] == "second"
+    for bad in ("models:/cal-pose", "models:/cal-pose/Production", "runs:/abc/model", "models:/@champion"):
+        with pytest.raises(tracking.RegistryError, match="is not models:/NAME@ALIAS"):
+            tracking.load_registered_onnx(bad)
+    with pytest.raises(tracking.RegistryError, match="could not load models:/cal-pose@nobody"):
+        tracking.load_registered_onnx("models:/cal-pose@nobody")
+
+
 def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys: pytest.CaptureFixture) -> None:
     (registry / "metrics.json").write_text(json.dumps(_metrics(0.3)))
     args = argparse.Namespace(model=str(_onnx_file(registry / "m.onnx", "m")),
