@@ -197,15 +197,16 @@ def remove_temporaries(folder: str | Path, name: str) -> int:
 
 
 @contextlib.contextmanager
-def _atomic_local(path: Path) -> Iterator[io.BufferedWriter]:
-    """A file object whose content replaces ``path`` only if the block completes."""
+def _atomic_local(path: Path, durable: bool = True) -> Iterator[io.BufferedWriter]:
+    """A file object whose content replaces ``path`` only if the block completes (fsynced first if ``durable``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -213,10 +214,15 @@ def _atomic_local(path: Path) -> Iterator[io.BufferedWriter]:
         raise
 
 
-def write_bytes(uri: str | Path, data: bytes) -> None:
-    """Atomically store ``data`` at ``uri`` (local: temp file + rename; S3: one PUT)."""
+def write_bytes(uri: str | Path, data: bytes, durable: bool = True) -> None:
+    """Atomically store ``data`` at ``uri`` (local: temp file + rename; S3: one PUT).
+
+    ``durable=False`` skips the local fsync, for files that are cheap to
+    regenerate and written by the thousand (the synthetic set's images): a
+    crash can then lose them, but never leaves a partial file.
+    """
     if not is_s3(uri):
-        with _atomic_local(_local(uri)) as handle:
+        with _atomic_local(_local(uri), durable) as handle:
             handle.write(data)
         return
     bucket, key = split_s3(str(uri))

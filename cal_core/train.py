@@ -59,7 +59,7 @@ class Session:
     config: TrainConfig
     ctx: distributed.DistContext
     codec: Any
-    dataset: Any
+    dataset: ShardDataset
     model: nn.Module
     ddp_model: nn.Module
     loss_fn: Any
@@ -412,8 +412,7 @@ def _loader(s: Session) -> DataLoader:
                                             s.ctx.world_size, s.config.seed, blocks=s.dataset.shard_starts,
                                             window=s.dataset.window)
     sampler.set_epoch(s.epoch, s.epoch_step)
-    if hasattr(s.dataset, "set_epoch"):
-        s.dataset.set_epoch(s.epoch)
+    s.dataset.set_epoch(s.epoch)
     generator = torch.Generator().manual_seed(s.config.seed * 7919 + s.epoch)
     fork_safe_opencv(s.config.workers)
     return DataLoader(s.dataset, batch_sampler=sampler, num_workers=s.config.workers, generator=generator,

@@ -61,6 +61,20 @@ def test_local_failed_write_leaves_old_content(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_only_durable_local_writes_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    storage.write_bytes(tmp_path / "kept.bin", b"a")
+    assert len(synced) == 1
+    storage.write_bytes(tmp_path / "cheap.bin", b"b", durable=False)
+    assert len(synced) == 1 and (tmp_path / "cheap.bin").read_bytes() == b"b"
+    with pytest.raises(TypeError):
+        storage.write_bytes(tmp_path / "cheap.bin", "not bytes", durable=False)  # type: ignore[arg-type]
+    assert (tmp_path / "cheap.bin").read_bytes() == b"b"
+    assert sorted(os.listdir(tmp_path)) == ["cheap.bin", "kept.bin"]
+
+
 def test_local_missing_and_listing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         storage.read_bytes(tmp_path / "nope")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,18 +558,6 @@ def render_scene(
     return image, annotations
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = storage.temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _split_dataset(
     out: Path, split: int, n_people: int, seed: int, tiles: tuple[np.ndarray, np.ndarray], quality: int,
     style: SceneStyle,
@@ -593,7 +580,7 @@ def _split_dataset(
             )
             if not ok:
                 raise RuntimeError(f"JPEG encoding failed for {folder}/{file_name}")
-            _write_atomic(out / folder / file_name, jpeg.tobytes())
+            storage.write_bytes(out / folder / file_name, jpeg.tobytes(), durable=False)
             images.append(
                 {
                     "id": image_id,
@@ -648,7 +635,7 @@ def generate(
         name, folder, _ = SPLITS[split]
         coco = _split_dataset(out, split, n_people, seed, tiles, quality, STYLES[style])
         path = out / "annotations" / f"person_keypoints_{folder}.json"
-        _write_atomic(path, json.dumps(coco, separators=(",", ":")).encode())
+        storage.write_bytes(path, json.dumps(coco, separators=(",", ":")).encode(), durable=False)
         written[name] = path
         log.info("synth %s: %d images, %d people -> %s", name, len(coco["images"]), n_people, path)
     return written
