@@ -72,6 +72,7 @@ from typing import Any
 import cv2
 
 from benchmarks.common import print_table, write_results
+from cal_core import storage
 from cal_core.data import coco, crops, downsample, shards
 
 DEFAULT_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
@@ -109,7 +110,7 @@ def naive_jobs(root: Path, splits: list[str]) -> list[tuple[str, tuple[float, fl
     for split in splits:
         data, _ = coco.read_json(coco.annotation_uri(str(root), split))
         for task in coco.plan_split(coco.check_coco(data, split), split).tasks:
-            path = coco.image_uri(str(root), split, task.file_name)
+            path = storage.join(coco.image_root(str(root), split), task.file_name)
             jobs += [(path, inst.bbox) for inst in task.instances]
     return jobs
 

@@ -17,7 +17,8 @@ from components.images import image
 
 
 @dsl.component(base_image=image("data"), install_kfp_package=False)
-def open_pipeline_run(experiment: str, kfp_run_id: str, kfp_run_name: str, coco_uri: str, input_size: str,
+def open_pipeline_run(experiment: str, kfp_run_id: str, kfp_run_name: str, coco_uri: str, train_ann_file: str,
+                      train_image_dir: str, val_ann_file: str, val_image_dir: str, input_size: str,
                       method: str, backbone: str, pretrained_weights: str, epochs_stage1: int, epochs_stage2: int,
                       batch_size: int, lr: float, lr_steps: str, lr_stage2: float, gmm_components: str,
                       max_gmm_components: int, mgm_update: str, flip_test: bool, amp: bool, seed: int,

@@ -165,6 +165,10 @@ def _gpu_placement(task: dsl.PipelineTask) -> None:
               "ONNX -> COCO keypoint AP -> MLflow registry.")
 def cal_pipeline(
     coco_uri: str = "s3://cal-pose/coco",
+    train_ann_file: str = "",
+    train_image_dir: str = "",
+    val_ann_file: str = "",
+    val_image_dir: str = "",
     input_size: str = "64x48",
     method: str = "cal",
     backbone: str = "hrnet_w32",
@@ -193,7 +197,12 @@ def cal_pipeline(
 
     Args:
         coco_uri: COCO-layout dataset (local folder or s3://bucket/prefix) with
-            annotations/person_keypoints_{train,val}2017.json and the image folders.
+            annotations/person_keypoints_{train,val}2017.json and the image folders train2017/, val2017/.
+        train_ann_file: the train annotation JSON in another layout (relative to coco_uri unless absolute or a
+            URI, e.g. "annotations/train.json"); empty = COCO 2017's.
+        train_image_dir: the folder train file_name values are relative to (same rules); empty = train2017.
+        val_ann_file: as train_ann_file, for val.
+        val_image_dir: as train_image_dir, for val (empty = val2017).
         input_size: network input "HxW": 64x48, 128x96 or 256x192 (heatmaps are input/4).
         method: heatmap, dark, udp or cal. Only cal runs fit-GMM and stage 2; the others pass through them.
         backbone: tiny, hrnet_w18_small, hrnet_w32, hrnet_w48 or resnet50.
@@ -224,7 +233,9 @@ def cal_pipeline(
     """
     parent = _resources(open_pipeline_run(
         experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, coco_uri=coco_uri, input_size=input_size, method=method,
+        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, coco_uri=coco_uri, train_ann_file=train_ann_file,
+        train_image_dir=train_image_dir, val_ann_file=val_ann_file, val_image_dir=val_image_dir,
+        input_size=input_size, method=method,
         backbone=backbone, pretrained_weights=pretrained_weights, epochs_stage1=epochs_stage1,
         epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, lr_steps=lr_steps, lr_stage2=lr_stage2,
         gmm_components=gmm_components, max_gmm_components=max_gmm_components, mgm_update=mgm_update,
@@ -235,9 +246,12 @@ def cal_pipeline(
 
     shards = {}
     # train never reads detections: a constant threshold keeps det_score_thr out of its cache key
-    for split, detections, threshold in (("train", "", 0.0), ("val", detections_uri, det_score_thr)):
-        task = downsample(coco_uri=coco_uri, split=split, input_size=input_size, detections_uri=detections,
-                          det_score_thr=threshold, workers=workers, experiment=mlflow_experiment)
+    splits = (("train", train_ann_file, train_image_dir, "", 0.0),
+              ("val", val_ann_file, val_image_dir, detections_uri, det_score_thr))
+    for split, ann_file, image_dir, detections, threshold in splits:
+        task = downsample(coco_uri=coco_uri, split=split, ann_file=ann_file, image_dir=image_dir,
+                          input_size=input_size, detections_uri=detections, det_score_thr=threshold,
+                          workers=workers, experiment=mlflow_experiment)
         _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{split}")
         shards[split] = task.outputs["shards"]
 

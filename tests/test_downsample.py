@@ -784,6 +784,40 @@ def test_cli_runs_the_stage(coco_mini: Path, tmp_path: Path, monkeypatch: pytest
     assert (tmp_path / "out" / "128x96" / "manifest.json").is_file()
 
 
+def test_another_layout_is_named_by_ann_file_and_image_dir(coco_mini: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from cal_core.cli import main
+
+    root = _small_root(coco_mini, tmp_path, n_images=3)
+    other = tmp_path / "ochuman-like"  # one JSON beside an images/ folder, the JSON outside the root
+    (other / "images").mkdir(parents=True)
+    for image in (root / "val2017").iterdir():
+        (other / "images" / image.name).symlink_to(image.resolve())
+    labels = tmp_path / "labels" / "people.json"
+    labels.parent.mkdir()
+    labels.write_bytes((root / "annotations" / "person_keypoints_val2017.json").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # unreachable: offline tracking file
+    base = ["downsample", "--split", "val", "--input-size", "64x48", "--workers", "1", "--no-progress"]
+    assert main([*base, "--coco", str(root), "--out", "standard"]) == 0
+    assert main([*base, "--coco", "ochuman-like", "--ann-file", str(labels), "--image-dir", "images",
+                 "--out", "other"]) == 0
+    source = _manifest(tmp_path / "other" / "64x48")["source"]
+    assert source["annotations"]["uri"] == str(labels) and source["images"] == str(other / "images")
+    assert _rows(tmp_path / "other" / "64x48") == _rows(tmp_path / "standard" / "64x48")
+    with pytest.raises(coco.AnnotationFileError, match="person_keypoints_val2017.json"):
+        downsample.downsample(str(other), "val", str(tmp_path / "x"), ["64x48"], workers=1, progress=False)
+
+
+def test_layout_paths_are_relative_to_the_root_unless_absolute_or_uris() -> None:
+    assert coco.annotation_uri("s3://b/coco", "val") == "s3://b/coco/annotations/person_keypoints_val2017.json"
+    assert coco.annotation_uri("s3://b/coco", "train", "labels/train.json") == "s3://b/coco/labels/train.json"
+    assert coco.annotation_uri("s3://b/coco", "val", "s3://other/val.json/") == "s3://other/val.json"
+    assert coco.image_root("s3://b/coco", "val", "imgs/") == "s3://b/coco/imgs"
+    assert coco.image_root("/data/coco", "train") == "/data/coco/train2017"
+    assert coco.image_root("/data/coco", "val", "file:///srv/images") == "/srv/images"
+
+
 def test_s3_round_trip(coco_mini: Path, tmp_path: Path, s3_server) -> None:  # noqa: F811
     root = _small_root(coco_mini, tmp_path, n_images=4)
     bucket = f"s3://{s3_server.bucket}"

@@ -209,6 +209,30 @@ def test_the_training_split_cache_key_leaves_out_the_detection_threshold(spec):
     assert val == {"componentInputParameter": "det_score_thr"}
 
 
+def test_each_split_reads_its_own_layout_parameters(spec, tmp_path, monkeypatch):
+    """downsample-train gets train_ann_file/train_image_dir, downsample-val the val ones; empty adds no flag."""
+    from kfp import dsl
+
+    from components import runtime
+    from components.downsample import downsample
+
+    tasks = _tasks(spec)
+    for split in ("train", "val"):
+        params = tasks[f"downsample-{split}"]["inputs"]["parameters"]
+        assert params["ann_file"] == {"componentInputParameter": f"{split}_ann_file"}
+        assert params["image_dir"] == {"componentInputParameter": f"{split}_image_dir"}
+    calls = []
+    monkeypatch.setattr(runtime, "run_stage", lambda argv, experiment, parent_run_id: calls.append(argv))
+    for ann_file, image_dir in (("labels/val.json", "images"), ("", "")):
+        downsample.python_func(coco_uri="s3://d/x", split="val", ann_file=ann_file, image_dir=image_dir,
+                               input_size="64x48", detections_uri="", det_score_thr=0.0, workers=1,
+                               experiment="x", shards=dsl.Dataset(uri=str(tmp_path / "s")))
+    named, default = calls
+    assert named[named.index("--ann-file") + 1] == "labels/val.json"
+    assert named[named.index("--image-dir") + 1] == "images"
+    assert "--ann-file" not in default and "--image-dir" not in default
+
+
 def test_secrets_come_from_kubernetes_secrets_not_parameters(spec):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert not [name for name in params if re.search(r"secret|password|token|access_key", name, re.I)]
@@ -466,7 +490,8 @@ def test_cluster_parent_run_records_every_pipeline_parameter(tmp_path, monkeypat
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
     run_id = open_pipeline_run.python_func(
-        experiment="x", kfp_run_id="kfp-1", kfp_run_name="nightly", coco_uri="s3://d/coco", input_size="128x96",
+        experiment="x", kfp_run_id="kfp-1", kfp_run_name="nightly", coco_uri="s3://d/coco", train_ann_file="",
+        train_image_dir="", val_ann_file="labels/val.json", val_image_dir="images", input_size="128x96",
         method="cal", backbone="hrnet_w32", pretrained_weights="", epochs_stage1=210, epochs_stage2=40, batch_size=64,
         lr=1e-3, lr_steps="auto", lr_stage2=1e-4, gmm_components="auto", max_gmm_components=3, mgm_update="static",
         flip_test=True, amp=True, seed=0, workers=4, val_every=10, detections_uri="s3://d/dets.json", det_score_thr=0.5,
@@ -475,6 +500,7 @@ def test_cluster_parent_run_records_every_pipeline_parameter(tmp_path, monkeypat
     assert run.data.params["input_size"] == "128x96" and run.data.params["method"] == "cal"
     assert run.data.params["epochs_stage1"] == "210" and run.data.tags["kfp.run_id"] == "kfp-1"
     assert run.data.params["flip_test"] == "true" and run.data.params["detections_uri"] == "s3://d/dets.json"
+    assert run.data.params["val_ann_file"] == "labels/val.json" and run.data.params["train_ann_file"] == ""
     assert run.info.run_name == "pipeline nightly"
     # every pipeline parameter but the experiment (the run's own), under its own name
     pipeline_parameters = set(client.parameter_types(DEFAULT_OUTPUT))

@@ -2,7 +2,8 @@
 
 A COCO root (local folder or ``s3://`` prefix) holds
 ``annotations/person_keypoints_<split>2017.json`` and the images in
-``<split>2017/``. :func:`plan_split` turns the JSON into per-image work
+``<split>2017/`` (other layouts name the file and folder:
+:func:`annotation_uri`, :func:`image_root`). :func:`plan_split` turns the JSON into per-image work
 (:class:`ImageTask`) following COCO practice:
 
 - train keeps non-crowd people with at least one labelled keypoint;
@@ -123,16 +124,27 @@ class SplitPlan:
     detection_skips: int = 0
 
 
-def annotation_uri(coco_root: str, split: str) -> str:
-    """``<root>/annotations/person_keypoints_<split>2017.json``."""
+def annotation_uri(coco_root: str, split: str, ann_file: str | None = None) -> str:
+    """The split's annotation file: ``ann_file`` under the root, else ``annotations/person_keypoints_<split>2017.json``.
+
+    ``ann_file`` is relative to ``coco_root`` unless it is an absolute path
+    or a URI (another layout than COCO 2017's: OCHuman, COCO 2014, your own).
+    """
     _check_split(split)
-    return storage.join(coco_root, "annotations", f"person_keypoints_{split}2017.json")
+    return _under(coco_root, ann_file or f"annotations/person_keypoints_{split}2017.json")
 
 
-def image_uri(coco_root: str, split: str, file_name: str) -> str:
-    """``<root>/<split>2017/<file_name>``."""
+def image_root(coco_root: str, split: str, image_dir: str | None = None) -> str:
+    """The folder the split's ``file_name`` s are relative to: ``image_dir`` under the root, else ``<split>2017``."""
     _check_split(split)
-    return storage.join(coco_root, f"{split}2017", file_name)
+    return _under(coco_root, image_dir or f"{split}2017")
+
+
+def _under(root: str, path: str) -> str:
+    """``path`` (canonical) if it is absolute or a URI (``s3://``, ``file://``), else ``path`` inside ``root``."""
+    if storage.is_s3(path) or path.startswith(("/", "file://")):
+        return storage.canonical(path)
+    return storage.join(root, *path.strip("/").split("/"))
 
 
 def _check_split(split: str) -> None:

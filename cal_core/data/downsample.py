@@ -463,16 +463,27 @@ def _remove_stale(out: Output) -> None:
             storage.delete(uri)
 
 
-def _load_inputs(coco_uri: str, split: str, detections: str | None,
-                 det_score_thr: float) -> tuple[dict[str, Any], coco.SplitPlan, dict[str, Any]]:
+@dataclass(frozen=True)
+class Layout:
+    """Where a split's annotation file and images are, relative to the COCO root unless absolute or URIs.
+
+    ``None``: COCO 2017's ``annotations/person_keypoints_<split>2017.json`` and ``<split>2017/``.
+    """
+
+    ann_file: str | None = None
+    image_dir: str | None = None
+
+
+def _load_inputs(coco_uri: str, split: str, detections: str | None, det_score_thr: float,
+                 layout: Layout) -> tuple[dict[str, Any], coco.SplitPlan, dict[str, Any]]:
     """The annotation file, the split's plan and the ``source`` manifest entry (canonical URIs and sha256)."""
     coco_uri = storage.canonical(coco_uri)
     detections = storage.canonical(detections) if detections else None
-    ann_uri = coco.annotation_uri(coco_uri, split)
+    ann_uri = coco.annotation_uri(coco_uri, split, layout.ann_file)
     data, raw = coco.read_json(ann_uri)
     gt = coco.check_coco(data, ann_uri)
     source = {"annotations": {"uri": ann_uri, "sha256": shards.sha256(raw)},
-              "images": storage.join(coco_uri, f"{split}2017")}
+              "images": coco.image_root(coco_uri, split, layout.image_dir)}
     dets = None
     if detections:
         det_data, det_raw = coco.read_json(detections)
@@ -485,7 +496,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                detections: str | None = None, det_score_thr: float = 0.0,
                shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                margin: float = DEFAULT_MARGIN, strict: bool = False,
-               progress: bool = True) -> dict[str, dict[str, Any]]:
+               progress: bool = True, layout: Layout = Layout()) -> dict[str, dict[str, Any]]:
     """Write ``<out>/<HxW>/`` shard sets for ``split`` of the COCO root ``coco_uri``; returns a report per size.
 
     The report says per size where the set is, how many shards it has, how
@@ -498,7 +509,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                               f"{margin}, {shard_size}")
     if math.isnan(det_score_thr):
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
-    gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr)
+    gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
     if strict and plan.skipped:
         from_detections = len(plan.skipped) == plan.detection_skips  # annotation-file skips come first
         raise _strict_error(plan.skipped[0], detections if from_detections else source["annotations"]["uri"])
@@ -563,7 +574,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``cal-pose downsample`` flags (docs/architecture.md, CLI contract)."""
     add = parser.add_argument
     add("--coco", required=True, help="COCO root (local dir or s3://bucket/prefix): annotations/ + <split>2017/")
-    add("--split", required=True, choices=coco.SPLITS)
+    add("--split", required=True, choices=coco.SPLITS,
+        help="train (people with >= 1 labelled keypoint) or val (every person: the COCO rules)")
+    add("--ann-file", default=None,
+        help="the split's annotation JSON, relative to --coco unless absolute or a URI "
+             "(default: annotations/person_keypoints_<split>2017.json)")
+    add("--image-dir", default=None,
+        help="folder the annotations' file_name values are relative to, relative to --coco unless absolute "
+             "or a URI (default: <split>2017)")
     add("--out", required=True, help="output root; shards go to <out>/<HxW>/")
     add("--input-size", action="append", required=True, dest="input_sizes",
         help="network input HxW, e.g. 64x48 (repeat for several sizes; images are decoded once)")
@@ -581,13 +599,14 @@ def run(args: argparse.Namespace) -> int:
     """Run the stage from parsed flags inside an MLflow stage run; prints one line per input size."""
     from cal_core import tracking
 
-    params = {"coco": args.coco, "split": args.split, "out": args.out, "input_sizes": ",".join(args.input_sizes),
+    params = {"coco": args.coco, "split": args.split, "ann_file": args.ann_file or "",
+              "image_dir": args.image_dir or "", "out": args.out, "input_sizes": ",".join(args.input_sizes),
               "detections": args.detections or "", "det_score_thr": args.det_score_thr,
               "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
     with tracking.stage_run("downsample", params=params) as tracker:
         report = downsample(args.coco, args.split, args.out, args.input_sizes, args.detections,
                             args.det_score_thr, args.shard_size, args.workers, args.margin, args.strict,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, layout=Layout(args.ann_file, args.image_dir))
         for size, entry in report.items():
             counts = entry["counts"]
             skipped = sum(counts["skipped"].values())
