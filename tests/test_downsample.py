@@ -285,6 +285,17 @@ def test_broken_inputs_are_skipped_and_reported(coco_mini: Path, tmp_path: Path)
     assert not {a["id"] for a in annotations["annotations"]} & set(expected)
 
 
+def test_a_size_mismatch_of_a_turned_image_says_exif_is_ignored(coco_mini: Path, tmp_path: Path) -> None:
+    root = _small_root(coco_mini, tmp_path, n_images=1)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    turned = {**gt["images"][0], "width": gt["images"][0]["height"], "height": gt["images"][0]["width"]}
+    _write_json(path, {**gt, "images": [turned]})
+    with pytest.raises(downsample.DownsampleError, match=r"size_mismatch: .*\(turned: .*EXIF orientation is ignored"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), ["64x48"], workers=1, strict=True,
+                              progress=False)
+
+
 def test_strict_turns_a_skip_into_a_clear_error(coco_mini: Path, tmp_path: Path) -> None:
     root, expected = _broken_root(coco_mini, tmp_path)
     record = r"person_keypoints_val2017\.json: annotations\[\d+\]: image \d+ \(\d+\.jpg\), annotation \d+: "
@@ -502,6 +513,49 @@ def test_the_person_category_is_found_by_name_not_assumed_to_be_id_1(coco_mini: 
     _write_json(path, {**gt, "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bicycle"}]})
     with pytest.raises(coco.AnnotationFileError, match="cannot tell which category is the person.*1: 'car'"):
         downsample.downsample(str(root), "val", str(tmp_path / "none"), ["64x48"], workers=1, progress=False)
+
+
+def test_joints_listed_in_another_order_are_put_in_coco_order(coco_mini: Path, tmp_path: Path) -> None:
+    """A tool's file names COCO's 17 joints in its own order (and spelling): shards and GT come out in COCO order."""
+    from cal_core.skeleton import KEYPOINT_NAMES
+
+    root = _small_root(coco_mini, tmp_path, n_images=4)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    out = tmp_path / "coco-order"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    order = np.random.default_rng(0).permutation(17)  # the file's joint j is COCO joint order[j]
+    names = [KEYPOINT_NAMES[k].replace("_", " ").title() for k in order]  # "Left Eye"
+    for ann in gt["annotations"]:
+        triplets = np.asarray(ann["keypoints"]).reshape(17, 3)
+        ann["keypoints"] = triplets[order].reshape(-1).tolist()
+    _write_json(path, {**gt, "categories": [{**gt["categories"][0], "keypoints": names, "skeleton": []}]})
+    shuffled = tmp_path / "shuffled"
+    downsample.downsample(str(root), "val", str(shuffled), ["64x48"], workers=1, progress=False)
+    assert _rows(shuffled / "64x48") == _rows(out / "64x48")
+    expected, got = (json.loads((o / "64x48" / "annotations.json").read_text()) for o in (out, shuffled))
+    assert [a["keypoints"] for a in got["annotations"]] == [a["keypoints"] for a in expected["annotations"]]
+    assert got["categories"][0]["keypoints"] == list(KEYPOINT_NAMES)
+    for bad, why in ((names[:15], "15 keypoint names"), ([*names[:16], "tail"], r"not COCO names: \['tail'\]")):
+        _write_json(path, {**gt, "categories": [{**gt["categories"][0], "keypoints": bad}]})
+        with pytest.raises(coco.AnnotationFileError, match=why):
+            downsample.downsample(str(root), "val", str(tmp_path / "bad"), ["64x48"], workers=1, progress=False)
+
+
+def test_an_area_of_zero_becomes_the_box_area(coco_mini: Path, tmp_path: Path) -> None:
+    """Converters without segmentation write area 0, which makes every person unmatchable in COCOeval (AP 0)."""
+    root = _small_root(coco_mini, tmp_path, n_images=3)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    gt = json.loads(path.read_text())
+    for ann in gt["annotations"]:
+        ann["area"] = 0
+    _write_json(path, gt)
+    out = tmp_path / "out"
+    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    boxes = {a["id"]: a["bbox"][2] * a["bbox"][3] for a in gt["annotations"]}
+    written = json.loads((out / "64x48" / "annotations.json").read_text())["annotations"]
+    assert written and all(a["area"] == pytest.approx(boxes[a["id"]]) for a in written)
+    assert all(r["area"] == pytest.approx(boxes[r["ann_id"]]) for r in _rows(out / "64x48"))
 
 
 def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path) -> None:
@@ -782,6 +836,29 @@ def test_cli_runs_the_stage(coco_mini: Path, tmp_path: Path, monkeypatch: pytest
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("128x96:") and "all already complete" in line for line in lines)
     assert (tmp_path / "out" / "128x96" / "manifest.json").is_file()
+
+
+def test_cli_reports_bad_data_in_one_line_with_exit_code_2(coco_mini: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from cal_core.cli import main
+
+    root = _small_root(coco_mini, tmp_path, n_images=2)
+    path = root / "annotations" / "person_keypoints_val2017.json"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # unreachable: offline tracking file
+    argv = ["downsample", "--coco", str(root), "--split", "val", "--out", "out", "--input-size", "64x48",
+            "--workers", "1", "--no-progress"]
+    gt = json.loads(path.read_text())
+    _write_json(path, {**gt, "images": [{**gt["images"][0], "id": "x"}, *gt["images"][1:]],
+                       "annotations": [a for a in gt["annotations"] if a["image_id"] == gt["images"][0]["id"]]})
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "downsample: " in err
+    assert "no person instance kept" in err and "(first: images[0]: bad_image_record; annotations[" in err
+    path.write_text("{not json")
+    assert main([*argv, "--strict"]) == 2
+    assert "person_keypoints_val2017.json" in capsys.readouterr().err
 
 
 def test_another_layout_is_named_by_ann_file_and_image_dir(coco_mini: Path, tmp_path: Path,

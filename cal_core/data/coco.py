@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 import orjson
 
 from cal_core import storage
-from cal_core.skeleton import COCO_PERSON_CATEGORY, NUM_KEYPOINTS
+from cal_core.skeleton import COCO_PERSON_CATEGORY, KEYPOINT_NAMES, NUM_KEYPOINTS
 
 SPLITS = ("train", "val")
 #: COCO's category id of "person": what annotations.json (and so evaluation) uses, whatever the source's id.
@@ -178,7 +179,7 @@ def check_coco(data: Any, uri: str) -> dict[str, Any]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise AnnotationFileError(f"{uri}: not a COCO annotation file (no {key!r} list)")
-    person_category(data, uri)
+    keypoint_order(data, uri)
     return data
 
 
@@ -199,9 +200,41 @@ def person_category(coco: dict[str, Any], uri: str = "the annotation file") -> d
             return found[0]
         if len(found) > 1:
             break
-    listed = ", ".join(f"{c.get('id')}: {c.get('name')!r}" for c in cats[:20]) or "none"
-    raise AnnotationFileError(f"{uri}: cannot tell which category is the person (one named 'person', or one "
-                              f"with {NUM_KEYPOINTS} keypoint names): categories {listed}")
+    every = [c for c in coco["categories"] if isinstance(c, dict)]
+    listed = ", ".join(f"{c.get('id')!r}: {c.get('name')!r}" for c in every[:20]) or "none"
+    raise AnnotationFileError(f"{uri}: cannot tell which category is the person (one with an integer id, named "
+                              f"'person' or with {NUM_KEYPOINTS} keypoint names): categories {listed}")
+
+
+def keypoint_order(coco: dict[str, Any], uri: str = "the annotation file") -> np.ndarray | None:
+    """Indices that put the file's joints in COCO order, or None when they already are.
+
+    Every annotation's ``keypoints`` triplets follow the person category's
+    ``keypoints`` names, and labelling tools may list COCO's 17 joints in
+    another order; taking them as COCO's would train wrong joints (and flip
+    the wrong pairs) without any error. Names compare ignoring case, spaces,
+    ``-`` and ``_``. A category without names is taken to be in COCO order;
+    names that are not COCO's 17 are an error naming the file.
+    """
+    names = person_category(coco, uri).get("keypoints")
+    if not isinstance(names, list) or not names:
+        return None
+    coco_keys = [_name_key(n) for n in KEYPOINT_NAMES]
+    file_keys = [_name_key(n) for n in names]
+    if file_keys == coco_keys:
+        return None
+    if sorted(file_keys) != sorted(coco_keys):
+        unknown = [n for n, k in zip(names, file_keys, strict=True) if k not in coco_keys][:5]
+        raise AnnotationFileError(
+            f"{uri}: the person category's {len(names)} keypoint names are not COCO's {NUM_KEYPOINTS} in any order"
+            f"{f' (not COCO names: {unknown})' if unknown else ''}; cal-pose trains the COCO skeleton "
+            f"({', '.join(KEYPOINT_NAMES)})")
+    return np.array([file_keys.index(k) for k in coco_keys])
+
+
+def _name_key(name: Any) -> str:
+    """A keypoint name for comparison: lower case, letters and digits only (``Left Eye`` = ``left_eye``)."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
 
 def person_category_id(coco: dict[str, Any]) -> int:
@@ -266,11 +299,12 @@ def parse_box(box: Any) -> tuple[float, float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def parse_keypoints(keypoints: Any) -> np.ndarray | None:
+def parse_keypoints(keypoints: Any, order: np.ndarray | None = None) -> np.ndarray | None:
     """COCO's flat ``[x, y, v] * 17`` as a ``(17, 3)`` array (v=0 joints zeroed), else None.
 
     Unlabelled joints (``v == 0``) may carry anything as coordinates (some
     exporters write ``null`` or NaN there); labelled ones must be finite.
+    ``order`` (:func:`keypoint_order`) puts the file's joints in COCO order.
     """
     try:
         kp = np.asarray(keypoints, dtype=np.float64)
@@ -278,7 +312,8 @@ def parse_keypoints(keypoints: Any) -> np.ndarray | None:
         return None
     if kp.shape != (NUM_KEYPOINTS * 3,):
         return None
-    kp = kp.reshape(NUM_KEYPOINTS, 3).copy()
+    kp = kp.reshape(NUM_KEYPOINTS, 3)
+    kp = kp[order] if order is not None else kp.copy()
     v = kp[:, 2]
     unlabelled = v == 0
     if not (unlabelled | (v == 1) | (v == 2)).all():
@@ -300,21 +335,32 @@ def _box_problem(box: tuple[float, float, float, float] | None, size: tuple[int,
     return OUTSIDE_IMAGE if outside_image(box, *size) else None
 
 
-def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int]) -> Instance | str | None:
-    """The annotation as an :class:`Instance`, a skip reason, or None when a rule excludes it."""
+def _gt_instance(ann: dict[str, Any], split: str, size: tuple[int, int],
+                 order: np.ndarray | None) -> Instance | str | None:
+    """The annotation as an :class:`Instance` (joints in COCO ``order``), a skip reason, or None when a rule excludes it."""
     box = parse_box(ann.get("bbox"))
     problem = _box_problem(box, size)
     if problem == BAD_BOX:
         return problem
-    kp = parse_keypoints(ann.get("keypoints"))
+    kp = parse_keypoints(ann.get("keypoints"), order)
     if kp is None or _far_keypoints(kp, size):
         return BAD_KEYPOINTS
     if problem:  # outside the image
         return problem
-    area = ann.get("area")
-    area = float(area) if isinstance(area, int | float) and math.isfinite(area) else box[2] * box[3]
-    instance = Instance(int(ann["id"]), box, kp, 1.0, area)
+    instance = Instance(int(ann["id"]), box, kp, 1.0, _area(ann.get("area"), box))
     return None if split == "train" and instance.num_keypoints == 0 else instance
+
+
+def _area(value: Any, box: tuple[float, float, float, float]) -> float:
+    """The annotation's area if it is a positive finite number, else the box's.
+
+    COCOeval divides by the area (OKS scale): an area of 0, which converters
+    write when there is no segmentation, makes the person unmatchable and
+    silently turns AP to 0.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return box[2] * box[3]
 
 
 def _far_keypoints(kp: np.ndarray, size: tuple[int, int]) -> bool:
@@ -358,6 +404,7 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
     """Kept GT people (category ``person``) per image id (sorted by ann id); skips and exclusions in ``plan``."""
     per_image: dict[int, list[Instance]] = {}
     seen: set[int] = set()
+    order = keypoint_order(coco)
     for index, ann in sorted(enumerate(coco["annotations"]), key=lambda pair: _ann_sort_key(pair[1])):
         where = f"annotations[{index}]"
         if not isinstance(ann, dict):
@@ -380,7 +427,7 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
         if ann.get("iscrowd", 0):
             plan.excluded["crowd"] += 1
             continue
-        result = _gt_instance(ann, split, (width, height))
+        result = _gt_instance(ann, split, (width, height), order)
         if isinstance(result, str):
             plan.skipped.append(Skip(image_id, ann_id, name, result, where))
         elif result is None:
@@ -476,7 +523,9 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
     the first record is kept (as :func:`plan_split` keeps it).
     """
     person = person_category(coco)
-    person_id = _int_id(person["id"])
+    person_id, order = _int_id(person["id"]), keypoint_order(coco)
+    if order is not None:  # the records are rewritten in COCO order: so is the category
+        person = {**person, "keypoints": COCO_PERSON_CATEGORY["keypoints"], "skeleton": COCO_PERSON_CATEGORY["skeleton"]}
     images = _first_per_id((image_id, img) for img in coco["images"] if _image_record(img) is not None
                            and (image_id := _int_id(img.get("id"))) in image_ids)  # the record plan_split used
     anns = _first_per_id(
@@ -487,7 +536,7 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
         and _int_id(a.get("image_id")) in image_ids
         and (ann_id := _int_id(a.get("id"))) is not None
         and ann_id not in drop_ann_ids
-        and (record := evaluation_record(a)) is not None
+        and (record := evaluation_record(a, order)) is not None
     )
     subset = {key: coco[key] for key in ("info", "licenses") if key in coco}
     subset.update(
@@ -508,7 +557,7 @@ def _first_per_id(records: Any) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
+def evaluation_record(ann: dict[str, Any], order: np.ndarray | None = None) -> dict[str, Any] | None:
     """``ann`` with what pycocotools' keypoint evaluation reads filled in; None without a usable box.
 
     COCO-format files from other tools often omit ``iscrowd``, ``area`` or
@@ -518,6 +567,8 @@ def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
     records are those :func:`plan_split` checked (their keypoints parse;
     unlabelled joints written as ``null`` or NaN become 0, 0, 0); a crowd
     region without valid keypoints gets all-zero ones (COCOeval reads them).
+    Joints are put in COCO ``order`` (:func:`keypoint_order`); an area that is
+    not a positive number becomes the box's (:func:`_area`).
     """
     box = parse_box(ann.get("bbox"))
     if box is None:
@@ -525,14 +576,14 @@ def evaluation_record(ann: dict[str, Any]) -> dict[str, Any] | None:
     record = {**ann, "bbox": list(box), "iscrowd": 1 if ann.get("iscrowd") else 0, "category_id": PERSON}
     if type(ann.get("image_id")) is not int:
         record["image_id"] = _int_id(ann.get("image_id"))
-    keypoints = parse_keypoints(ann.get("keypoints"))
+    keypoints = parse_keypoints(ann.get("keypoints"), order)
     if keypoints is None:  # a crowd region: non-crowd records reaching here passed plan_split
         record["keypoints"] = [0] * (3 * NUM_KEYPOINTS)
-    elif not all(isinstance(v, int | float) and math.isfinite(v) for v in ann["keypoints"]):
-        record["keypoints"] = keypoints.reshape(-1).tolist()  # null/NaN of unlabelled joints: COCOeval needs numbers
-    area = ann.get("area")
-    if isinstance(area, bool) or not isinstance(area, int | float) or not math.isfinite(area) or area < 0:
-        record["area"] = box[2] * box[3]
+    elif order is not None or not all(isinstance(v, int | float) and math.isfinite(v) for v in ann["keypoints"]):
+        record["keypoints"] = keypoints.reshape(-1).tolist()  # COCO order; null/NaN of unlabelled joints as 0
+    area = _area(ann.get("area"), box)
+    if area != ann.get("area"):
+        record["area"] = area
     if _int_id(ann.get("num_keypoints")) is None:
         record["num_keypoints"] = sum(1 for v in record["keypoints"][2::3] if v > 0)
     return record

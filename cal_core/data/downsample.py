@@ -158,9 +158,12 @@ def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
     except crops.ImageDecodeError as exc:
         return ImageResult(task, [], coco.CORRUPT_IMAGE, str(exc), shards.sha256(data))
     if decoded.size != (task.width, task.height):
+        turned = decoded.size == (task.height, task.width)
+        hint = (" (turned: the stored pixels are used, EXIF orientation is ignored, as COCO's annotations "
+                "expect; annotate the stored pixels)") if turned else ""
         return ImageResult(task, [], coco.SIZE_MISMATCH,
                            f"image is {decoded.size[0]}x{decoded.size[1]} (WxH), the annotations say "
-                           f"{task.width}x{task.height}", shards.sha256(data))
+                           f"{task.width}x{task.height}{hint}", shards.sha256(data))
     rows = []
     for size, per_size in zip(job.sizes, matrices, strict=True):
         crop_h, crop_w = crops.crop_size(size, job.margin)
@@ -420,10 +423,15 @@ def _kept_images(plan: coco.SplitPlan, image_skips: list[dict[str, Any]]) -> set
 
 
 def _nothing_kept(where: str, skipped: list[dict[str, Any]], excluded: Counter) -> DownsampleError:
-    """The error for a split that yields no person at all (an empty set would only fail later, in training)."""
+    """The error for a split that yields no person at all (an empty set would only fail later, in training).
+
+    Nothing is written in that case, so the first skipped records are named here.
+    """
     reasons = dict(sorted(Counter(s["reason"] for s in skipped).items()))
+    first = "; ".join(f"{s.get('record') or s.get('file') or 'image ' + str(s['image_id'])}: {s['reason']}"
+                      for s in skipped[:3])
     return DownsampleError(f"{where}: no person instance kept: skipped {reasons}, excluded "
-                           f"{dict(sorted(excluded.items()))} (the manifest of a run lists each skipped record)")
+                           f"{dict(sorted(excluded.items()))}{f' (first: {first})' if first else ''}")
 
 
 def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan) -> None:
@@ -596,23 +604,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the stage from parsed flags inside an MLflow stage run; prints one line per input size."""
-    from cal_core import tracking
-
+    """Run the stage from parsed flags; prints one line per input size, or the error (exit 2, 1 if a worker died)."""
     params = {"coco": args.coco, "split": args.split, "ann_file": args.ann_file or "",
               "image_dir": args.image_dir or "", "out": args.out, "input_sizes": ",".join(args.input_sizes),
               "detections": args.detections or "", "det_score_thr": args.det_score_thr,
               "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
+    try:
+        report = _tracked_run(args, params)
+    except (ValueError, FileNotFoundError) as exc:  # bad input or settings: the message names it, no traceback
+        print(f"downsample: {exc}", file=sys.stderr)
+        return 2
+    except WorkerCrashError as exc:
+        print(f"downsample: {exc}", file=sys.stderr)
+        return 1
+    for size, entry in report.items():
+        counts = entry["counts"]
+        state = "all already complete" if entry["already_complete"] else f"{entry['written']} written"
+        print(f"{size}: {entry['uri']}: {entry['shards']} shards ({state}), {counts['instances']} instances "
+              f"from {counts['images']} images, {sum(counts['skipped'].values())} skipped {counts['skipped']}")
+    return 0
+
+
+def _tracked_run(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`downsample` from parsed flags inside an MLflow stage run (marked failed if it raises), counts logged."""
+    from cal_core import tracking
+
     with tracking.stage_run("downsample", params=params) as tracker:
         report = downsample(args.coco, args.split, args.out, args.input_sizes, args.detections,
                             args.det_score_thr, args.shard_size, args.workers, args.margin, args.strict,
                             progress=not args.no_progress, layout=Layout(args.ann_file, args.image_dir))
         for size, entry in report.items():
             counts = entry["counts"]
-            skipped = sum(counts["skipped"].values())
-            state = "all already complete" if entry["already_complete"] else f"{entry['written']} written"
-            print(f"{size}: {entry['uri']}: {entry['shards']} shards ({state}), {counts['instances']} instances "
-                  f"from {counts['images']} images, {skipped} skipped {counts['skipped']}")
             tracker.log_metrics({f"{size}/instances": counts["instances"], f"{size}/images": counts["images"],
-                                 f"{size}/skipped": skipped, f"{size}/shards_written": entry["written"]})
-    return 0
+                                 f"{size}/skipped": sum(counts["skipped"].values()),
+                                 f"{size}/shards_written": entry["written"]})
+    return report
