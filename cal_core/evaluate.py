@@ -361,12 +361,23 @@ def check_compatible(info: ModelInfo, manifest: dict[str, Any], shards_uri: str,
         raise ValueError(f"shard set {shards_uri} has no person instances to evaluate")
 
 
-def check_shard_set(info: ModelInfo, shards_uri: str) -> None:
-    """:func:`check_compatible` against the manifest of ``shards_uri`` (read here; a clear error if unreadable)."""
+def check_shard_set(info: ModelInfo, shards_uri: str, scorable: bool = False) -> None:
+    """:func:`check_compatible` against the manifest of ``shards_uri`` (read here; a clear error if unreadable).
+
+    ``scorable`` also refuses a ground-truth-box set in which COCOeval would
+    score nobody (:func:`scored_subset` would refuse it later), so training
+    with validation fails before its first epoch rather than after it.
+    """
     from cal_core.data.dataset import read_manifest
+    from cal_core.storage import join, read_bytes
 
     manifest = read_manifest(shards_uri)
-    check_compatible(info, manifest, shards_uri, sum(int(s["rows"]) for s in manifest["shards"]))
+    rows = sum(int(s["rows"]) for s in manifest["shards"])
+    check_compatible(info, manifest, shards_uri, rows)
+    if scorable and manifest.get("settings", {}).get("box_source") != "detections":
+        gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
+        if all(_unscored(a) for a in gt["annotations"]):
+            raise ValueError(_nobody_scored(shards_uri, rows))
 
 
 def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, codec: Any,
@@ -423,8 +434,7 @@ def scored_indices(dataset: Any, gt: Mapping[str, Any]) -> np.ndarray:
     in OKS-NMS or in COCOeval's 20 results per image. Measured on coco-mini
     val with a noisy-GT predictor: AP 0.501 with them, 0.504 without.
     """
-    unscored = np.array([a["id"] for a in gt["annotations"] if a.get("iscrowd") or a["num_keypoints"] == 0],
-                        dtype=np.int64)
+    unscored = np.array([a["id"] for a in gt["annotations"] if _unscored(a)], dtype=np.int64)
     ann_ids = dataset.ann_ids()
     return np.flatnonzero((ann_ids < 0) | ~np.isin(ann_ids, unscored))
 
@@ -435,9 +445,19 @@ def scored_subset(dataset: Any, gt: Mapping[str, Any], shards_uri: str) -> Any:
 
     indices = scored_indices(dataset, gt)
     if len(indices) == 0:
-        raise ValueError(f"shard set {shards_uri}: none of its {len(dataset)} people has a labelled keypoint, "
-                         f"so COCOeval would score none of them")
+        raise ValueError(_nobody_scored(shards_uri, len(dataset)))
     return Subset(dataset, indices.tolist())
+
+
+def _unscored(ann: Mapping[str, Any]) -> bool:
+    """True for a GT record COCOeval ignores: a crowd region or a person without a labelled keypoint."""
+    return bool(ann.get("iscrowd")) or ann["num_keypoints"] == 0
+
+
+def _nobody_scored(shards_uri: str, people: int) -> str:
+    """The error for a GT-box set in which COCOeval would score nobody."""
+    return (f"shard set {shards_uri}: none of its {people} people has a labelled keypoint, "
+            "so COCOeval would score none of them")
 
 
 def protocol_results(got: Collected, input_size: tuple[int, int]) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ from cal_core.data.dataset import ShardDataset, add_targets, fork_safe_opencv
 from cal_core.stage2 import MaskMaker, freeze_frozen_norms, trainable_parameters
 
 log = logging.getLogger(__name__)
+
+
+class SetupError(ValueError):
+    """Training cannot start (bad settings, shards, checkpoint or resume state); the message says which."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,6 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from parsed CLI flags."""
     extra = {} if args.stage2_train is None else {"stage2_train": args.stage2_train}
+    try:
+        return _config(args, extra)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+
+
+def _config(args: argparse.Namespace, extra: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` (which validates itself) of the flags."""
     return TrainConfig(
         shards=args.shards, out=args.out, method=args.method, stage=args.stage, val_shards=args.val_shards,
         backbone=args.backbone, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -146,8 +159,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``cal-pose train``."""
-    uri = train(config_from_args(args))
+    """Entry point of ``cal-pose train``; a run that cannot start prints why and exits 2 (no traceback)."""
+    try:
+        uri = train(config_from_args(args))
+    except SetupError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
     if uri:
         print(uri)
     return 0
@@ -241,7 +258,7 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
         from cal_core.evaluate import ModelInfo, check_shard_set
         from cal_core.skeleton import NUM_KEYPOINTS
 
-        check_shard_set(ModelInfo("", input_size, NUM_KEYPOINTS, "", "torch"), config.val_shards)
+        check_shard_set(ModelInfo("", input_size, NUM_KEYPOINTS, "", "torch"), config.val_shards, scorable=True)
     codec = build_codec(config.method, input_size)
     dataset = ShardDataset(config.shards, codec, train=config.augment, seed=config.seed)
     model, head = _build_model(config, input_size, ctx.device)
@@ -589,10 +606,7 @@ def train(config: TrainConfig) -> str:
             for name in (checkpoint.LAST, checkpoint.FINAL):
                 storage.remove_temporaries(config.out, name)
         _seed_everything(config.seed, config.deterministic)
-        s = build_session(config, ctx)
-        last = checkpoint.latest(config.out) if config.resume else None
-        if last:
-            _restore(s, last)
+        s, last = _start(config, ctx)
         if not ctx.is_main:
             _loop(s, None)
             return _finish(s, None)
@@ -609,6 +623,18 @@ def train(config: TrainConfig) -> str:
             return _finish(s, tracker)
     finally:
         distributed.shutdown(ctx)
+
+
+def _start(config: TrainConfig, ctx: distributed.DistContext) -> tuple[Session, str | None]:
+    """The session, restored from the latest checkpoint when resuming (and its URI); :class:`SetupError` if bad."""
+    try:
+        s = build_session(config, ctx)
+        last = checkpoint.latest(config.out) if config.resume else None
+        if last:
+            _restore(s, last)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SetupError(str(exc)) from exc
+    return s, last
 
 
 def _default_run_name(config: TrainConfig) -> str:

@@ -443,6 +443,38 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     assert [m["epoch"] for m in _val_points(tmp_path / "run")] == [1.0, 2.0]
 
 
+def test_a_val_set_nobody_is_scored_in_is_refused_before_training(tiny_shards, tmp_path: Path) -> None:
+    """GT-box val shards whose people all lack labelled keypoints: once an error after the first epoch."""
+    import shutil
+
+    from cal_core.train import SetupError
+
+    val = tmp_path / "val"
+    shutil.copytree(tiny_shards["val"], val)
+    gt = json.loads((val / "annotations.json").read_text())
+    for ann in gt["annotations"]:
+        ann["keypoints"], ann["num_keypoints"] = [0] * 51, 0
+    (val / "annotations.json").write_text(json.dumps(gt))
+    with pytest.raises(SetupError, match="none of its .* people has a labelled keypoint"):
+        train(_config(tiny_shards, tmp_path / "run", val_shards=str(val), val_every=1))
+    assert not (tmp_path / "run" / checkpoint.LAST).exists()
+
+
+def test_the_cli_prints_why_training_cannot_start_without_a_traceback(tiny_shards, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from cal_core.cli import main
+
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--method", "cal", "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"]
+    assert main([*base, "--shards", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: ") and "manifest.json" in err and "Traceback" not in err
+    assert main([*base, "--shards", tiny_shards["train"], "--lr-steps", "3,x"]) == 2
+    assert "lr steps must be comma-separated" in capsys.readouterr().err
+
+
 def test_a_resume_that_cannot_reattach_its_run_logs_params_on_the_new_one(tiny_shards, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """last.pt names a run another tracking server holds: the resumed attempt opens a run with full params."""
