@@ -48,6 +48,11 @@ class Decision:
     previous_champion: str | None
 
 
+def metric_tag(value: float) -> str:
+    """A metric as a registry tag: 6 decimals (what :func:`decide` compares, both sides alike)."""
+    return f"{float(value):.6f}"
+
+
 def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | None,
            input_size: str | None = None) -> tuple[str, str]:
     """``(alias, reason)`` for a model with ``ap`` on val set ``val_digest`` given the current champion."""
@@ -64,14 +69,14 @@ def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | No
     if "AP" not in tags:
         return CHALLENGER, f"champion v{version} has no AP tag to compare with (registered by hand?)"
     best = float(tags["AP"])
-    if ap > best:
+    if float(metric_tag(ap)) > best:  # at the tag's precision: the same AP again is no improvement
         return CHAMPION, f"AP {100 * ap:.2f} beats champion v{version} AP {100 * best:.2f} on the same val set"
     return CHALLENGER, f"AP {100 * ap:.2f} does not beat champion v{version} AP {100 * best:.2f}"
 
 
 def _model_tags(metrics_doc: dict[str, Any], metadata: dict[str, str]) -> dict[str, str]:
     """Registry tags: every COCO metric, the val digest, method, input size and provenance."""
-    tags = {name: f"{float(value):.6f}" for name, value in metrics_doc["metrics"].items()}
+    tags = {name: metric_tag(value) for name, value in metrics_doc["metrics"].items()}
     tags["val_digest"] = metrics_doc["val_digest"]
     for key in ("method", "backbone", "input_size", "training_run_id", "code_version"):
         if metadata.get(key):

@@ -43,6 +43,9 @@ def test_decide_rules() -> None:
     assert register.decide(0.51, "d", champ)[0] == "champion"
     alias, why = register.decide(0.5, "d", champ)
     assert alias == "challenger" and "does not beat" in why
+    # the champion's tag is rounded: the same AP again (a rerun) must not beat it
+    alias, why = register.decide(0.010959306440472587, "d", ("1", {"AP": "0.010959", "val_digest": "d"}))
+    assert alias == "challenger" and "does not beat" in why
     alias, why = register.decide(0.9, "other", champ)
     assert alias == "challenger" and "another validation set" in why
     alias, why = register.decide(0.9, "d", ("3", {"val_digest": "d", "AP": "0.5", "input_size": "256x192"}),
