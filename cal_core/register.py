@@ -70,8 +70,8 @@ def decide(ap: float, val_digest: str, champion: tuple[str, dict[str, str]] | No
         return CHALLENGER, f"champion v{version} has no AP tag to compare with (registered by hand?)"
     best = float(tags["AP"])
     if float(metric_tag(ap)) > best:  # at the tag's precision: the same AP again is no improvement
-        return CHAMPION, f"AP {100 * ap:.2f} beats champion v{version} AP {100 * best:.2f} on the same val set"
-    return CHALLENGER, f"AP {100 * ap:.2f} does not beat champion v{version} AP {100 * best:.2f}"
+        return CHAMPION, f"AP {metric_tag(ap)} beats champion v{version} AP {metric_tag(best)} on the same val set"
+    return CHALLENGER, f"AP {metric_tag(ap)} does not beat champion v{version} AP {metric_tag(best)}"
 
 
 def _model_tags(metrics_doc: dict[str, Any], metadata: dict[str, str]) -> dict[str, str]:
@@ -84,6 +84,18 @@ def _model_tags(metrics_doc: dict[str, Any], metadata: dict[str, str]) -> dict[s
     return tags
 
 
+def _check_same_model(metadata: dict[str, str], metrics_doc: dict[str, Any]) -> None:
+    """Refuse metrics of another model: input size, method or (keypoints graphs) flip test differ."""
+    for key, what in (("input_size", "input size"), ("method", "method")):
+        if metrics_doc.get(key) and metadata.get(key) != metrics_doc[key]:
+            raise ValueError(f"model {what} {metadata.get(key)} does not match the evaluated {what} "
+                             f"{metrics_doc[key]} (metrics of another model?)")
+    if metadata.get("graph") == "keypoints" and "flip" in metrics_doc \
+            and (metadata.get("flip_test") == "true") != bool(metrics_doc["flip"]):
+        raise ValueError(f"model flip test {metadata.get('flip_test')} does not match the evaluated one "
+                         f"({str(bool(metrics_doc['flip'])).lower()}): metrics of another export?")
+
+
 def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "cal-pose") -> Decision:
     """Register ``onnx_path`` as a new version of ``name`` and set its alias; returns the decision."""
     from cal_core.export import read_metadata
@@ -92,9 +104,7 @@ def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "ca
         if key not in metrics_doc:
             raise ValueError(f"metrics file lacks {key!r} (is it the metrics.json of `cal-pose evaluate`?)")
     metadata = read_metadata(onnx_path)
-    if metrics_doc.get("input_size") and metadata.get("input_size") != metrics_doc["input_size"]:
-        raise ValueError(f"model input size {metadata.get('input_size')} does not match the evaluated "
-                         f"input size {metrics_doc['input_size']}")
+    _check_same_model(metadata, metrics_doc)
     if "'" in name:
         raise ValueError(f"registered model name {name!r}: quotes are not allowed (MLflow search filters)")
     ap = float(metrics_doc["metrics"]["AP"])

@@ -14,13 +14,13 @@ from onnx import TensorProto, helper
 from cal_core import register, tracking
 
 
-def _onnx_file(path: Path, marker: str, input_size: str = "64x48") -> Path:
+def _onnx_file(path: Path, marker: str, input_size: str = "64x48", **props: str) -> Path:
     """A one-node ONNX model carrying cal-pose metadata and a ``marker`` to tell versions apart."""
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    helper.set_model_props(model, {"method": "cal", "input_size": input_size, "marker": marker})
+    helper.set_model_props(model, {"method": "cal", "input_size": input_size, "marker": marker, **props})
     onnx.save(model, str(path))
     return path
 
@@ -103,6 +103,11 @@ def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys:
     assert capsys.readouterr().out.startswith("champion: pose-x v1 - there is no champion yet")
     with pytest.raises(ValueError, match="128x96"):
         register.register(_onnx_file(registry / "n.onnx", "n", "128x96"), _metrics(0.3))
+    with pytest.raises(ValueError, match="model method cal does not match the evaluated method udp"):
+        register.register(_onnx_file(registry / "u.onnx", "u"), {**_metrics(0.3), "method": "udp"})
+    no_flip = _onnx_file(registry / "k.onnx", "k", graph="keypoints", flip_test="false")
+    with pytest.raises(ValueError, match="flip test false does not match the evaluated one \\(true\\)"):
+        register.register(no_flip, {**_metrics(0.3), "method": "cal", "flip": True})
 
 
 def test_unreachable_registry_fails_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
