@@ -1,6 +1,8 @@
 """The ``cal-pose`` command: one subcommand per pipeline stage, plus ``pipeline``.
 
-Each subcommand lives in the module that implements the stage. That module
+Input and settings errors (``ValueError``, ``FileNotFoundError``) print one
+line and exit 2 (``CAL_POSE_TRACEBACK=1`` shows the traceback); Ctrl-C exits
+130. Each subcommand lives in the module that implements the stage. That module
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its subcommand is called, so ``cal-pose synth`` does not pay for torch or
 kfp start-up it does not need.
@@ -11,7 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+#: Set (to anything) to get the traceback of an input or settings error instead of its one-line message.
+TRACEBACK_ENV = "CAL_POSE_TRACEBACK"
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"cal-pose {name}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:  # bad input or settings: the message names it
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"cal-pose {name}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,12 +158,8 @@ def _config(args: argparse.Namespace, extra: dict[str, Any]) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``cal-pose train``; a run that cannot start prints why and exits 2 (no traceback)."""
-    try:
-        uri = train(config_from_args(args))
-    except SetupError as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
+    """Entry point of ``cal-pose train`` (a :class:`SetupError` is one line and exit 2, from cal_core.cli)."""
+    uri = train(config_from_args(args))
     if uri:
         print(uri)
     return 0
@@ -234,6 +229,10 @@ def _build_model(config: TrainConfig, input_size: tuple[int, int], device: torch
         if tuple(init_cfg.get("input_size", input_size)) != tuple(input_size):
             raise ValueError(f"--init {config.init} was trained at {init_cfg.get('input_size')}, "
                              f"the shards are {list(input_size)}")
+        for key, value in (("method", config.method), ("backbone", config.backbone)):
+            if init_cfg.get(key, value) != value:
+                raise ValueError(f"--init {config.init} is a {init_cfg[key]} {key} checkpoint, this run trains "
+                                 f"{value} (stage 2 starts from a stage-1 model of the same {key})")
         model.load_state_dict(state["model"])
         log.info("initialised from %s", config.init)
     return model.to(device), head

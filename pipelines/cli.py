@@ -8,6 +8,7 @@ compiled ``pipelines/cal_pipeline.yaml``; pipeline arguments are given as
 
 import argparse
 import secrets
+import sys
 from datetime import UTC, datetime
 
 from pipelines import client, compile, run_local
@@ -64,12 +65,25 @@ def run(args: argparse.Namespace) -> int:
         return compile.run(args)
     if args.action == "run-local":
         return run_local.run(args)
-    kfp_client = client.connect(args.host, args.namespace)
+    import urllib3
+
+    try:
+        return _remote(args)
+    except urllib3.exceptions.HTTPError as exc:  # refused, unresolvable, TLS: no traceback for a wrong --host
+        print(f"pipeline {args.action}: cannot reach the Kubeflow Pipelines API at {args.host}: {exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _remote(args: argparse.Namespace) -> int:
+    """upload / submit / schedule against ``--host`` (arguments checked against the package first)."""
     if args.action == "upload":
+        kfp_client = client.connect(args.host, args.namespace)
         namespace = None if args.shared else args.namespace
         print(f"pipeline {args.name}: {client.upload(kfp_client, args.name, args.version, args.package, namespace)}")
         return 0
     arguments = client.parse_arguments(args.param, args.package)
+    kfp_client = client.connect(args.host, args.namespace)
     if args.action == "submit":
         run_name = args.run_name or default_run_name()
         run_id = client.submit(kfp_client, arguments, run_name, args.experiment, args.package,

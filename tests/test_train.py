@@ -150,6 +150,16 @@ def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tm
     assert any(not torch.equal(s2["model"][k], first["model"][k]) for k in first["model"])
 
 
+def test_stage2_refuses_an_init_of_another_method(tiny_shards, stage1, tmp_path: Path) -> None:
+    """A udp checkpoint as --init once failed inside load_state_dict with a size-mismatch dump."""
+    s1, gmm = stage1
+    state = checkpoint.load(s1)
+    state["config"] = {**state["config"], "method": "udp"}
+    torch.save(state, tmp_path / "udp.pt")
+    with pytest.raises(ValueError, match="is a udp method checkpoint, this run trains cal"):
+        build_session(_config(tiny_shards, tmp_path / "s2", stage=2, init=str(tmp_path / "udp.pt"), gmm=gmm), CPU)
+
+
 def test_stage2_offset_mode_keeps_the_heatmap_path_fixed(tiny_shards, stage1, tmp_path: Path) -> None:
     s1, gmm = stage1
     s2 = checkpoint.load(train(_config(tiny_shards, tmp_path / "s2", stage=2, init=s1, gmm=gmm,
@@ -470,7 +480,7 @@ def test_the_cli_prints_why_training_cannot_start_without_a_traceback(tiny_shard
     base = ["train", "--method", "cal", "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"]
     assert main([*base, "--shards", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("train: ") and "manifest.json" in err and "Traceback" not in err
+    assert err.startswith("cal-pose train: ") and "manifest.json" in err and "Traceback" not in err
     assert main([*base, "--shards", tiny_shards["train"], "--lr-steps", "3,x"]) == 2
     assert "lr steps must be comma-separated" in capsys.readouterr().err
 

@@ -604,16 +604,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the stage from parsed flags; prints one line per input size, or the error (exit 2, 1 if a worker died)."""
+    """Run the stage from parsed flags; prints one line per input size (exit 1 with the reason if a worker died)."""
     params = {"coco": args.coco, "split": args.split, "ann_file": args.ann_file or "",
               "image_dir": args.image_dir or "", "out": args.out, "input_sizes": ",".join(args.input_sizes),
               "detections": args.detections or "", "det_score_thr": args.det_score_thr,
               "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
-    try:
+    try:  # bad input or settings (ValueError, FileNotFoundError): one line and exit 2 from cal_core.cli
         report = _tracked_run(args, params)
-    except (ValueError, FileNotFoundError) as exc:  # bad input or settings: the message names it, no traceback
-        print(f"downsample: {exc}", file=sys.stderr)
-        return 2
     except WorkerCrashError as exc:
         print(f"downsample: {exc}", file=sys.stderr)
         return 1

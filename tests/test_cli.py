@@ -1,0 +1,50 @@
+"""The ``cal-pose`` entry point: user mistakes are one line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cal_core import cli
+
+
+def test_input_errors_are_one_line_with_exit_code_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["register", "--model", str(tmp_path / "none.onnx"), "--metrics", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cal-pose register: ") and "Traceback" not in err
+    assert cli.main(["fit-gmm", "--checkpoint", "x.pt", "--shards", "s", "--out", "o", "--components", "0"]) == 2
+    assert "--components must be 'auto' or a positive integer" in capsys.readouterr().err
+
+
+def test_the_traceback_switch_and_ctrl_c(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import cal_core.register as register
+
+    def bad(args: argparse.Namespace) -> int:
+        raise ValueError("a bad value")
+
+    monkeypatch.setattr(register, "run", bad)
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError, match="a bad value"):
+        cli.main(["register", "--model", "m", "--metrics", "x"])
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(register, "run", interrupted)
+    assert cli.main(["register", "--model", "m", "--metrics", "x"]) == 130
+    assert capsys.readouterr().err == "cal-pose register: interrupted\n"
+
+
+def test_pipeline_submit_checks_parameters_first_and_names_an_unreachable_host(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    host = "http://127.0.0.1:9"  # nothing listens on the discard port
+    assert cli.main(["pipeline", "submit", "--host", host, "--param", "nosuch=1"]) == 2
+    assert "unknown pipeline parameter 'nosuch'" in capsys.readouterr().err
+    assert cli.main(["pipeline", "submit", "--host", host, "--param", "epochs_stage1=5"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the Kubeflow Pipelines API at {host}" in err and "Traceback" not in err
