@@ -515,6 +515,13 @@ def check_detections(detections: list[dict[str, Any]], gt: Mapping[str, Any], ma
                          f"e.g. {unknown[:5]}: it was cut from another detections file")
 
 
+def _read_detections(uri: str) -> list[dict[str, Any]]:
+    """A COCO detection results file, read and checked as ``downsample --detections`` does (errors name it)."""
+    from cal_core.data import coco
+
+    return coco.check_detections(coco.read_json(uri)[0], uri)
+
+
 def _write(path: Path, data: str | bytes) -> None:
     """Atomic write of a small file (temporary sibling + rename)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -557,12 +564,13 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
 
     predictor, info, codec = load_predictor(model_uri, flip)
     check_shard_set(info, shards_uri)
+    detections = _read_detections(detections_uri) if detections_uri else None  # a bad file fails before inference
     dataset = ShardDataset(shards_uri, codec, train=False)
     gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
     gt = json.loads(gt_bytes)
     got = collect(predictor, scored_subset(dataset, gt, shards_uri), codec, batch_size, workers, overlays=OVERLAYS)
-    if detections_uri:
-        check_detections(json.loads(read_bytes(detections_uri)), gt, dataset.manifest, got, detections_uri)
+    if detections is not None:
+        check_detections(detections, gt, dataset.manifest, got, detections_uri)
     results = protocol_results(got, codec.input_size)
     evaluator = run_cocoeval(gt, results)
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}

@@ -118,8 +118,13 @@ class KeypointGraph(nn.Module):
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file as a dict (weights are not loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
+    """The metadata_props of an ONNX file as a dict (weights are not loaded); a ValueError if it is not ONNX."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ValueError(f"{path} is not an ONNX model ({exc})") from exc
     return {p.key: p.value for p in model.metadata_props}
 
 

@@ -321,6 +321,29 @@ def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
         evaluate.check_detections([det], gt, manifest, gt_boxes, "dets.json")
 
 
+def test_a_malformed_detections_file_fails_before_inference(val_shards: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cal_core.data.coco import AnnotationFileError
+    from cal_core.models import build_model
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before the detections file was checked")
+
+    monkeypatch.setattr(evaluate, "collect", no_inference)
+    model = build_model("tiny", "heatmap", input_size=(64, 48))
+    torch.save({"model": model.state_dict(), "config": {"method": "heatmap", "backbone": "tiny",
+                                                        "input_size": [64, 48]}}, tmp_path / "m.pt")
+    for content, why in (('{"image_id": 1}', "not a COCO detection results file"),
+                         ('[{"bbox": [0, 0, 1, 1], "score": 1}]', "entry 0 is not a detection"),
+                         ("[{", "dets.json")):
+        (tmp_path / "dets.json").write_text(content)
+        with pytest.raises(AnnotationFileError, match=why):
+            evaluate.evaluate(str(tmp_path / "m.pt"), str(val_shards), tmp_path / "out",
+                              detections_uri=str(tmp_path / "dets.json"))
+
+
 @pytest.mark.slow  # two dynamo exports: ~30 s on a busy 2-core machine
 def test_onnx_graphs_predict_what_the_checkpoint_predicts(val_shards: Path, tiny_checkpoint: Path,
                                                           tmp_path: Path) -> None:

@@ -183,6 +183,11 @@ def test_not_a_checkpoint_is_refused(tmp_path) -> None:
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="config"):
         model_from_checkpoint({"model": {}, "config": {"backbone": "tiny"}})
+    for name, content in (("a.json", b'{"images": []}'), ("half.pt", (tmp_path / "x.pt").read_bytes()[:100])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a torch checkpoint or weights file") as info:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only=False" not in str(info.value)  # torch's advice to unpickle untrusted files is dropped
 
 
 def test_default_heads_and_bad_arguments() -> None:

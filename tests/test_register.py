@@ -103,6 +103,9 @@ def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys:
     assert capsys.readouterr().out.startswith("champion: pose-x v1 - there is no champion yet")
     with pytest.raises(ValueError, match="128x96"):
         register.register(_onnx_file(registry / "n.onnx", "n", "128x96"), _metrics(0.3))
+    (registry / "bad.onnx").write_bytes(b"\xff not a protobuf \x00\x01")
+    with pytest.raises(ValueError, match="bad.onnx is not an ONNX model"):
+        register.register(registry / "bad.onnx", _metrics(0.3))
     with pytest.raises(ValueError, match="model method cal does not match the evaluated method udp"):
         register.register(_onnx_file(registry / "u.onnx", "u"), {**_metrics(0.3), "method": "udp"})
     no_flip = _onnx_file(registry / "k.onnx", "k", graph="keypoints", flip_test="false")

@@ -8,6 +8,7 @@ from object storage cannot run code (DESIGN.md section 7).
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,25 @@ def load_file(uri: str | Path) -> Any:
 
         with tempfile.TemporaryDirectory(prefix="cal-pose-weights-") as tmp:
             local = storage.download(text, Path(tmp) / "weights.pt")  # streamed: no second copy in memory
-            return torch.load(local, map_location="cpu", weights_only=True)
+            return _torch_load(local, text)
     path = Path(text.removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"no such weights/checkpoint file: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path, text)
+
+
+def _torch_load(path: Path, uri: str) -> Any:
+    """``torch.load(weights_only=True)``; a file torch cannot read is a ValueError naming ``uri``.
+
+    torch's own error for, say, a JSON file passed as a checkpoint is a
+    multi-line unpickling message that advises ``weights_only=False`` (unsafe
+    for files from elsewhere); only its first line is kept.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{uri} is not a torch checkpoint or weights file ({reason})") from exc
 
 
 def _state_dict(obj: Any, uri: str | Path) -> dict[str, torch.Tensor]:
