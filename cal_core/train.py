@@ -136,14 +136,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from parsed CLI flags."""
     extra = {} if args.stage2_train is None else {"stage2_train": args.stage2_train}
-    try:
-        return _config(args, extra)
-    except ValueError as exc:
-        raise SetupError(str(exc)) from exc
-
-
-def _config(args: argparse.Namespace, extra: dict[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` (which validates itself) of the flags."""
     return TrainConfig(
         shards=args.shards, out=args.out, method=args.method, stage=args.stage, val_shards=args.val_shards,
         backbone=args.backbone, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

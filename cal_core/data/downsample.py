@@ -612,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # bad input or settings (ValueError, FileNotFoundError): one line and exit 2 from cal_core.cli
         report = _tracked_run(args, params)
     except WorkerCrashError as exc:
-        print(f"downsample: {exc}", file=sys.stderr)
+        print(f"cal-pose downsample: {exc}", file=sys.stderr)  # the prefix cal_core.cli gives other errors
         return 1
     for size, entry in report.items():
         counts = entry["counts"]
