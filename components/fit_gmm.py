@@ -2,8 +2,8 @@
 
 Only CAL uses the GMM; for other methods the task writes a ``gmm.json``
 saying it was skipped (the DAG is the same for every method because
-kfp.local cannot merge ``dsl.If`` branches: ``dsl.OneOf`` raises
-NotImplementedError in local runs).
+kfp.local 2.16.1 cannot run ``dsl.If`` branches correctly: see
+docs/parameters.md).
 """
 
 from kfp import dsl

@@ -28,5 +28,5 @@ def register(onnx_model: Input[Model], evaluation: Input[Artifact], model_name: 
     decision = printed.getvalue().strip().splitlines()[-1]
     print(decision)
     if close_parent:
-        finish_pipeline_run(parent_run_id, f"{evaluation.path}/metrics.json")
+        finish_pipeline_run(parent_run_id, f"{evaluation.path}/metrics.json", decision)
     return decision

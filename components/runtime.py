@@ -39,8 +39,11 @@ def pipeline_opened_parent_run() -> bool:
     return not os.environ.get(tracking.PARENT_ENV)
 
 
-def finish_pipeline_run(parent_run_id: str, metrics_path: str) -> None:
-    """Log the evaluation's headline metrics on the pipeline's parent run and mark it FINISHED."""
+def finish_pipeline_run(parent_run_id: str, metrics_path: str, decision: str) -> None:
+    """Log the evaluation's headline metrics and the registry ``decision`` on the parent run; mark it FINISHED.
+
+    The decision is the tag ``registry_decision``, as on the parent run ``make run`` opens.
+    """
     import json
     from pathlib import Path
 
@@ -49,6 +52,7 @@ def finish_pipeline_run(parent_run_id: str, metrics_path: str) -> None:
     doc = json.loads(Path(metrics_path).read_text())
     parent = tracking.attach_run(parent_run_id)
     parent.log_metrics(tracking.finite_metrics(doc.get("metrics", {})))
+    parent.set_tags({"registry_decision": decision})
     parent.end("FINISHED")
 
 

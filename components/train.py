@@ -7,8 +7,8 @@ inputs, stage 2 requires them.
 
 Stage 2 exists only for ``method=cal`` (Eq. 15 with Mixed Gaussian Masks from
 ``fit_gmm``). The DAG is the same for every method, because kfp.local
-cannot merge ``dsl.If`` branches (``dsl.OneOf`` raises NotImplementedError
-in local runs); for other methods the stage-2 task passes the
+2.16.1 cannot run ``dsl.If`` branches correctly (docs/parameters.md); for
+other methods the stage-2 task passes the
 stage-1 model through unchanged, so export/evaluate get the stage-1 model.
 
 Retries resume: with ``work_uri`` set (cluster: an S3 prefix) a task trains

@@ -2,10 +2,10 @@
 
 The DAG is plain on purpose - no ``dsl.If`` or ``dsl.ParallelFor`` - because
 the same pipeline must run locally (``make run``) and in a cluster, and
-kfp.local 2.16 can skip a branch but not merge two: export would need
-``dsl.OneOf(stage 1's model, stage 2's)``, which raises NotImplementedError
-in local runs. For methods other
-than ``cal`` the fit-GMM and stage-2 tasks pass through (see components/).
+kfp.local 2.16.1 runs both branches of ``dsl.If``/``dsl.Else``, always skips
+a root-level ``dsl.If`` on a parameter, and has no ``dsl.OneOf`` to merge
+them (docs/parameters.md). For methods other than ``cal`` the fit-GMM and
+stage-2 tasks pass through (see components/).
 
 Cluster settings live on the tasks and are ignored by kfp.local: GPU
 (``nvidia.com/gpu``, with optional tolerations and node selector) and memory
