@@ -90,14 +90,15 @@ def save(uri: str, state: dict[str, Any]) -> None:
 
 
 def load(uri: str) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` onto the CPU; clear error when it is missing or bad."""
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no checkpoint at {uri}")
-    data = storage.read_bytes(uri)
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the URI for the user
-        raise ValueError(f"{uri} is not a loadable checkpoint ({len(data)} bytes): {exc}") from exc
+    """Read a checkpoint onto the CPU, as any weights file is read (:func:`cal_core.models.weights.load_file`).
+
+    ``weights_only=True``; a missing file is a ``FileNotFoundError``, one torch
+    cannot read a ``ValueError`` naming ``uri``; an S3 object is streamed to a
+    temp file, not held in memory.
+    """
+    from cal_core.models.weights import load_file
+
+    return load_file(uri)
 
 
 def codec_from_config(config: dict[str, Any]) -> Any:

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import io
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -616,18 +615,15 @@ def run(args: argparse.Namespace) -> int:
 
     params = {"model": args.model, "shards": args.shards, "flip": args.flip, "detections": args.detections,
               "batch_size": args.batch_size}
-    try:
-        with tempfile.TemporaryDirectory() as tmp, \
-                tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
-            out = output_dir(args.out, Path(tmp) / "out")
-            doc = evaluate(args.model, args.shards, out, args.flip, args.detections, args.batch_size,
-                           args.workers, tracker)
-            tracker.set_tags({"val_digest": doc["val_digest"], "method": doc["method"],
-                              "input_size": doc["input_size"]})
-            publish(out, args.out)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: say what does not match, no traceback
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+    # bad input raises ValueError / FileNotFoundError: cal_core.cli prints it as one line (exit 2)
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
+        out = output_dir(args.out, Path(tmp) / "out")
+        doc = evaluate(args.model, args.shards, out, args.flip, args.detections, args.batch_size,
+                       args.workers, tracker)
+        tracker.set_tags({"val_digest": doc["val_digest"], "method": doc["method"],
+                          "input_size": doc["input_size"]})
+        publish(out, args.out)
     print(metrics_table([{"method": doc["method"], "backbone": doc["backbone"], "input_size": doc["input_size"],
                           **doc["metrics"]}]))
     return 0

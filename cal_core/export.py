@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure, 2 on bad input."""
+    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure (bad input raises)."""
     from cal_core.models import load_checkpoint, model_from_checkpoint
     from cal_core.uris import output_dir, publish
 
@@ -374,12 +374,9 @@ def run(args: argparse.Namespace) -> int:
             for row in report["checks"]:
                 tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
                                      if isinstance(v, float)})
-    except ParityError as exc:
-        print(f"export: {exc}", file=sys.stderr)
+    except ParityError as exc:  # other bad input (ValueError, FileNotFoundError): one line, exit 2 (cal_core.cli)
+        print(f"cal-pose export: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"export: {exc}", file=sys.stderr)
-        return 2
     print(f"exported {config['method']} {report['input_size']} to {args.out}: parity ok "
           f"({', '.join(r['inputs'] for r in report['checks'])})")
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cal_core import evaluate
+from cal_core import cli, evaluate
 from cal_core.codecs import build_codec
 from cal_core.data.dataset import add_targets
 from cal_core.skeleton import NUM_KEYPOINTS, OKS_SIGMAS
@@ -302,8 +302,9 @@ def test_cli_names_a_size_mismatch(val_shards: Path, tmp_path: Path, monkeypatch
     model = build_model("tiny", "heatmap", input_size=(128, 96))
     config = {"method": "heatmap", "backbone": "tiny", "input_size": [128, 96]}
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "big.pt")
-    assert evaluate.run(_args(tmp_path / "big.pt", val_shards, tmp_path / "out")) == 2
-    assert "model input size 128x96 does not match the shard set" in capsys.readouterr().err
+    argv = ["evaluate", "--model", str(tmp_path / "big.pt"), "--shards", str(val_shards), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert "cal-pose evaluate: model input size 128x96 does not match the shard set" in capsys.readouterr().err
 
 
 def test_detections_for_other_images_are_refused(val_shards: Path) -> None:

@@ -290,7 +290,7 @@ def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path
     checkpoint.set_rng_state(raw["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == before
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+    with pytest.raises(ValueError, match="bad.pt is not a torch checkpoint or weights file"):
         checkpoint.load(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError):
         checkpoint.load(str(tmp_path / "missing.pt"))
