@@ -23,36 +23,31 @@ rates are reported next to them. The two are timed in turns (ours, naive,
 ours, ...) so a drift hits both, and the best of ``--repeats`` runs of each
 is kept. ``--quick``: 10 val images, one repeat.
 
-Why not 3x (profiled at 64x48 on 2026-11-24; 2.24x-2.45x best-of over five
-runs, e.g. 819 vs 337 instances/s per core): one decode per image is the floor, and it is half of
-the stage. libjpeg's DCT scaling skips only the inverse DCT and colour work;
-entropy decoding still reads every coefficient, so a 1/8-scale decode costs
-~55-67% of a full one (1.45 vs 2.18 ms an image on coco-mini; the N/8
-factors between are no way out: 3/4 and 7/8 take 2.7 and 3.5 ms, their
-inverse DCTs have no SIMD), and 29 of coco-mini's 67 images hold a person small
-enough to need full resolution. Of the stage's ~250 ms of CPU, decoding is
-~125 ms (~1.9 ms per image) and the C work every crop needs (box reduce,
-bilinear warp, JPEG encode of the crop, then parquet + zstd) ~55 ms. 3x at
-the naive rate measured beside it would be ~205 ms, leaving ~25 ms for COCO
-JSON parsing and planning, row building, annotations.json and the manifest
-and journal writes; they take ~70 ms even after this stop's trimming
-(orjson, closed-form affines, simplejpeg's lighter decode call). Going
-further needs a region decode (libjpeg-turbo's cropping region / skipped
-scanlines: no inverse DCT outside the crops, no entropy decoding below the
-lowest one), and it would not reach 3x either: a throwaway C program on
-this machine's libjpeg-turbo 2.1.5 (``jpeg_crop_scanline`` to the crops'
-columns, ``jpeg_skip_scanlines`` to their top row, abort after their bottom
-row) decoded the same 67 images at the same scales in 15-18% less CPU than
-full decodes (e.g. 148 -> 122 ms a pass): ~20 ms, ~2.65x. Tried in the
-stage itself (2026-11-25, not kept): TurboJPEG 3's ``tj3SetCroppingRegion``
-through ctypes, over the union of an image's crop regions, gave the same
-pixels as a whole decode (2544 random regions at all four DCT scales on
-coco-mini) and cut a pass from 244 to 227 ms CPU at 64x48 and from 304 to
-275 ms at 128x96 (best of 7, interleaved): 7% and 9%. The only TurboJPEG 3
-we can install is a libjpeg-turbo 3.0 beta (2.1.92, 2023) inside the
-single-maintainer ``turbojpeg`` 0.0.2 wheel (PyTurboJPEG needs the system
-library; Debian ships 2.1, without the cropping API), and a pre-release
-decoder binary in front of every JPEG users bring is not worth 7%.
+Why not 3x (profiled at 64x48 on 2026-11-25, one process, best of 7; the
+benchmark itself gave 2.41x that hour, 1114 vs 462 instances/s per core):
+a pass over coco-mini takes ~175-190 ms of CPU, of which decoding the 67
+images is ~100-115 ms: 29 of them hold a person small enough (box under
+~100 px tall) to need full resolution, 12 are decoded at 1/2, 12 at 1/4 and
+14 at 1/8. Decoding all 67 at 1/8 would still take 80 ms (all at full size:
+144 ms): libjpeg's DCT scaling skips only the inverse DCT and colour work,
+while entropy decoding reads every coefficient whatever the scale, and
+coco-mini's JPEGs are 4:4:4 at high quality (~160 KB at 640x480), so
+entropy decoding dominates. The rest of the pass is ~75 ms: box reduce +
+bilinear warp ~20 ms and row building + JPEG encode ~20 ms for the 203
+crops, annotation parsing and planning ~10 ms, the last shards,
+annotations.json and the manifest ~20 ms, file reads ~4 ms. 3x the naive
+rate is ~146 ms a pass: even at the 80 ms floor, which the small people
+rule out, the stage would have ~66 ms for those ~75. No other decoder
+here is faster (all 159 images, best of 9, interleaved: OpenCV's
+libjpeg-turbo 3.1 takes 0.5-6% more CPU than simplejpeg at every scale,
+Pillow's 3.2 into a numpy array 12-23% more), nor are simplejpeg's
+``fastdct``, ``fastupsample`` or a reused ``buffer`` (1% or less). A region decode
+(decode only the rows and columns the crops read) was tried in the stage:
+TurboJPEG 3's ``tj3SetCroppingRegion`` through ctypes gave pixel-identical
+crops and cut a pass by 7% at 64x48 and 9% at 128x96, but the only
+TurboJPEG 3 we can install is a libjpeg-turbo 3.0 beta binary inside the
+single-maintainer ``turbojpeg`` 0.0.2 wheel, not worth 7% in front of every
+JPEG users bring.
 
     .venv/bin/python -m benchmarks.downsample [--quick] [--coco PATH] [--sizes 64x48,128x96]
 """
