@@ -542,20 +542,32 @@ def test_joints_listed_in_another_order_are_put_in_coco_order(coco_mini: Path, t
             downsample.downsample(str(root), "val", str(tmp_path / "bad"), ["64x48"], workers=1, progress=False)
 
 
-def test_an_area_of_zero_becomes_the_box_area(coco_mini: Path, tmp_path: Path) -> None:
-    """Converters without segmentation write area 0, which makes every person unmatchable in COCOeval (AP 0)."""
+def test_an_area_of_zero_becomes_the_box_area_and_is_counted(coco_mini: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Converters without segmentation write area 0, which makes every person unmatchable in COCOeval (AP 0).
+
+    The box area stands in, but it makes OKS more lenient than COCO's: the
+    manifest counts those people and the run says so.
+    """
     root = _small_root(coco_mini, tmp_path, n_images=3)
     path = root / "annotations" / "person_keypoints_val2017.json"
     gt = json.loads(path.read_text())
-    for ann in gt["annotations"]:
+    for ann in gt["annotations"][1:]:
         ann["area"] = 0
     _write_json(path, gt)
     out = tmp_path / "out"
-    downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
-    boxes = {a["id"]: a["bbox"][2] * a["bbox"][3] for a in gt["annotations"]}
+    with caplog.at_level("WARNING", logger="cal_core.data.downsample"):
+        downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    boxes = {a["id"]: a["bbox"][2] * a["bbox"][3] for a in gt["annotations"][1:]}
     written = json.loads((out / "64x48" / "annotations.json").read_text())["annotations"]
-    assert written and all(a["area"] == pytest.approx(boxes[a["id"]]) for a in written)
-    assert all(r["area"] == pytest.approx(boxes[r["ann_id"]]) for r in _rows(out / "64x48"))
+    assert written and all(a["area"] == pytest.approx(boxes[a["id"]]) for a in written if a["id"] in boxes)
+    assert all(r["area"] == pytest.approx(boxes[r["ann_id"]]) for r in _rows(out / "64x48") if r["ann_id"] in boxes)
+    kept_zero = sum(1 for r in _rows(out / "64x48") if r["ann_id"] in boxes)
+    assert kept_zero > 0
+    assert shards.read_manifest(str(out / "64x48"))["counts"]["area_from_box"] == kept_zero
+    assert f"{kept_zero} kept people have no positive area" in caplog.text
+    downsample.downsample(str(coco_mini), "val", str(tmp_path / "coco"), ["64x48"], workers=1, progress=False)
+    assert shards.read_manifest(str(tmp_path / "coco" / "64x48"))["counts"]["area_from_box"] == 0
 
 
 def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path) -> None:

@@ -450,7 +450,7 @@ def _finish(writer: _Writer, gt: dict[str, Any], plan: coco.SplitPlan) -> None:
         storage.write_bytes(storage.join(out.uri, shards.ANNOTATIONS), annotations)
         counts = {"images": len(kept), "instances": sum(e["rows"] for e in out.shards),
                   "skipped": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-                  "excluded": dict(sorted(plan.excluded.items()))}
+                  "excluded": dict(sorted(plan.excluded.items())), "area_from_box": plan.area_from_box}
         manifest = {**writer.header[out.size], "shards": out.shards, "counts": counts, "skipped": skipped,
                     "annotations": {"path": shards.ANNOTATIONS, "sha256": shards.sha256(annotations)}}
         storage.write_bytes(storage.join(out.uri, shards.MANIFEST), shards.json_bytes(manifest))
@@ -518,6 +518,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     if math.isnan(det_score_thr):
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
+    _warn_box_areas(plan, source["annotations"]["uri"])
     if strict and plan.skipped:
         from_detections = len(plan.skipped) == plan.detection_skips  # annotation-file skips come first
         raise _strict_error(plan.skipped[0], detections if from_detections else source["annotations"]["uri"])
@@ -544,6 +545,19 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
     _finish(writer, gt, plan)
     return _report(outputs, [_previous(o.uri, header[o.size]) for o in outputs], already_complete=False)
+
+
+def _warn_box_areas(plan: coco.SplitPlan, where: str) -> None:
+    """Say how many kept people have no positive ``area`` in ``where`` (their box area stands in).
+
+    COCOeval's OKS scale is the area; a box's is roughly 1.5-2x a person's
+    segmentation area, so OKS is more lenient and AP is not comparable with
+    AP on areas from segmentations (COCO's). Counted in the manifest too.
+    """
+    if plan.area_from_box:
+        log.warning("%s: %d kept people have no positive area: their box area (w x h) is COCOeval's OKS scale "
+                    "for them, more lenient than a segmentation area (AP is then not comparable with AP on "
+                    "COCO's areas)", where, plan.area_from_box)
 
 
 def _run_tasks(writer: _Writer, plan: coco.SplitPlan, job: Job, workers: int | None, strict: bool,
