@@ -547,6 +547,9 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
              f"{doc['counts']['results']} results after OKS-NMS; {doc['counts']['unscored_instances']} GT people "
              f"without a labelled keypoint left out (COCOeval ignores them)",
              f"val set digest: {doc['val_digest']}"]
+    if doc["counts"]["gt_area_from_box"]:
+        notes.append(f"{doc['counts']['gt_area_from_box']} GT people had no area in the source file: their box "
+                     "area is their OKS scale, more lenient than COCO's segmentation areas (AP not comparable)")
     text = report.markdown_report(f"Evaluation: {doc['method']} {doc['input_size']}", [row], doc["metrics"],
                                   details.keypoint_error_px, details.keypoint_count, details.best_oks, notes)
     _write(out / "report.md", text)
@@ -581,7 +584,8 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         "source": info.source, "shards": str(shards_uri), "flip": flip, "oks_nms": OKS_NMS_THR,
         "counts": {"instances": len(got.image_ids), "unscored_instances": len(dataset) - len(got.image_ids),
                    "images": len(set(got.image_ids.tolist())),
-                   "results": len(results), "gt_people": len(details.best_oks)},
+                   "results": len(results), "gt_people": len(details.best_oks),
+                   "gt_area_from_box": int(dataset.manifest.get("counts", {}).get("area_from_box", 0))},
         "keypoint_error_px": {name: (None if n == 0 else float(e)) for name, e, n in
                               zip(KEYPOINT_NAMES, details.keypoint_error_px, details.keypoint_count, strict=True)},
     }

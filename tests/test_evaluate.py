@@ -230,8 +230,34 @@ def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, ti
     assert doc["counts"]["unscored_instances"] == rows - len(labelled) > 0
     report = (out / "report.md").read_text()
     assert "| Method | Backbone | Input size | AP |" in report and "left_ankle" in report
+    assert doc["counts"]["gt_area_from_box"] == 0 and "no area in the source file" not in report
     assert (out / "oks_histogram.png").is_file()
     assert len(list((out / "overlays").glob("*.png"))) == evaluate.OVERLAYS
+
+
+def test_the_report_says_when_box_areas_stood_in_for_missing_ones(coco_mini: Path, tiny_checkpoint: Path,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Box areas make OKS more lenient than COCO's: AP on such a set must not pass for COCO-comparable."""
+    from cal_core.cli import main
+
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    gt = json.loads((coco_mini / "annotations" / "person_keypoints_val2017.json").read_text())
+    for ann in gt["annotations"]:
+        ann.pop("area")
+    (tmp_path / "src" / "annotations").mkdir(parents=True)
+    (tmp_path / "src" / "annotations" / "person_keypoints_val2017.json").write_text(json.dumps(gt))
+    (tmp_path / "src" / "val2017").symlink_to(coco_mini / "val2017")
+    assert main(["downsample", "--coco", str(tmp_path / "src"), "--split", "val", "--out", str(tmp_path / "val"),
+                 "--input-size", "64x48", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "val" / "64x48" / "manifest.json").read_text())
+    assert manifest["counts"]["area_from_box"] == manifest["counts"]["instances"] > 0
+    assert evaluate.run(_args(tiny_checkpoint, tmp_path / "val" / "64x48", tmp_path / "eval")) == 0
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["counts"]["gt_area_from_box"] == manifest["counts"]["instances"]
+    assert f"{doc['counts']['gt_area_from_box']} GT people had no area in the source file" in (
+        tmp_path / "eval" / "report.md").read_text()
 
 
 def test_shifted_oracle_through_collect_matches_direct_pycocotools(val_shards: Path, tmp_path: Path) -> None:
