@@ -19,6 +19,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from torch import nn
 from cal_core.geometry import box_to_center_size
 from cal_core.infer import instance_score
 from cal_core.skeleton import COCO_PERSON_CATEGORY, KEYPOINT_NAMES, NUM_KEYPOINTS, OKS_SIGMAS
+
+log = logging.getLogger(__name__)
 
 #: COCOeval.stats order for keypoints.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
@@ -368,15 +371,34 @@ def check_shard_set(info: ModelInfo, shards_uri: str, scorable: bool = False) ->
     with validation fails before its first epoch rather than after it.
     """
     from cal_core.data.dataset import read_manifest
-    from cal_core.storage import join, read_bytes
 
     manifest = read_manifest(shards_uri)
     rows = sum(int(s["rows"]) for s in manifest["shards"])
     check_compatible(info, manifest, shards_uri, rows)
+    if manifest.get("split") == "train":
+        log.warning("%s is a train split (manifest): AP on it measures fit to the training people, not "
+                    "validation, and `cal-pose register` refuses it", shards_uri)
     if scorable and manifest.get("settings", {}).get("box_source") != "detections":
-        gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
+        gt = json.loads(read_gt(shards_uri, manifest))
         if all(_unscored(a) for a in gt["annotations"]):
             raise ValueError(_nobody_scored(shards_uri, rows))
+
+
+def read_gt(shards_uri: str, manifest: Mapping[str, Any]) -> bytes:
+    """The shard set's annotations.json bytes, checked against the manifest's sha256 (when it records one).
+
+    pycocotools scores against this file: one edited or replaced after
+    downsampling would score other people than the shards hold, silently.
+    """
+    from cal_core.storage import join, read_bytes
+
+    uri = join(shards_uri, "annotations.json")
+    data = read_bytes(uri)
+    want = (manifest.get("annotations") or {}).get("sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{uri} does not match the sha256 its manifest records (edited or replaced after "
+                         "downsampling?): rerun `cal-pose downsample` into a fresh folder")
+    return data
 
 
 def _overlay_items(batch: dict[str, Any], kpts: np.ndarray, scores: np.ndarray, codec: Any,
@@ -483,13 +505,12 @@ def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = T
                    batch_size: int = 64, progress: bool = True) -> dict[str, float]:
     """COCO keypoint AP/AR of an in-memory torch model on a shard set (train.py's validation)."""
     from cal_core.data.dataset import ShardDataset
-    from cal_core.storage import join, read_bytes
 
     info = ModelInfo("", codec.input_size, int(getattr(model, "arch", {}).get("num_joints", NUM_KEYPOINTS)), "",
                      "torch")
     check_shard_set(info, shards_uri)
     dataset = ShardDataset(shards_uri, codec, train=False)
-    gt = json.loads(read_bytes(join(shards_uri, "annotations.json")))
+    gt = json.loads(read_gt(shards_uri, dataset.manifest))
     got = collect(torch_predictor(model, codec, flip, device), scored_subset(dataset, gt, shards_uri), codec,
                   batch_size, progress=progress)
     return coco_keypoint_ap(gt, protocol_results(got, codec.input_size))
@@ -547,6 +568,8 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
              f"{doc['counts']['results']} results after OKS-NMS; {doc['counts']['unscored_instances']} GT people "
              f"without a labelled keypoint left out (COCOeval ignores them)",
              f"val set digest: {doc['val_digest']}"]
+    if doc["split"] == "train":
+        notes.append("scored on a **train** split: fit to the training people, not a validation score")
     if doc["counts"]["gt_area_from_box"]:
         notes.append(f"{doc['counts']['gt_area_from_box']} GT people had no area in the source file: their box "
                      "area is their OKS scale, more lenient than COCO's segmentation areas (AP not comparable)")
@@ -562,13 +585,13 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
              batch_size: int = 64, workers: int = 0, tracker: Any = None) -> dict[str, Any]:
     """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
     from cal_core.data.dataset import ShardDataset
-    from cal_core.storage import join, read_bytes
+    from cal_core.uris import sha256_of
 
     predictor, info, codec = load_predictor(model_uri, flip)
     check_shard_set(info, shards_uri)
     detections = _read_detections(detections_uri) if detections_uri else None  # a bad file fails before inference
     dataset = ShardDataset(shards_uri, codec, train=False)
-    gt_bytes = read_bytes(join(shards_uri, "annotations.json"))
+    gt_bytes = read_gt(shards_uri, dataset.manifest)
     gt = json.loads(gt_bytes)
     got = collect(predictor, scored_subset(dataset, gt, shards_uri), codec, batch_size, workers, overlays=OVERLAYS)
     if detections is not None:
@@ -581,7 +604,8 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         "metrics": metrics, "val_digest": val_digest(gt_bytes, got),
         "method": info.method, "backbone": info.backbone,
         "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
-        "source": info.source, "shards": str(shards_uri), "flip": flip, "oks_nms": OKS_NMS_THR,
+        "source": info.source, "model_sha256": sha256_of(model_uri), "shards": str(shards_uri),
+        "split": dataset.manifest.get("split"), "flip": flip, "oks_nms": OKS_NMS_THR,
         "counts": {"instances": len(got.image_ids), "unscored_instances": len(dataset) - len(got.image_ids),
                    "images": len(set(got.image_ids.tolist())),
                    "results": len(results), "gt_people": len(details.best_oks),

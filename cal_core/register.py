@@ -19,7 +19,6 @@ challenger.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cal_core import tracking
-from cal_core.uris import fetch_local
+from cal_core.uris import fetch_local, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,25 @@ def _model_tags(metrics_doc: dict[str, Any], metadata: dict[str, str]) -> dict[s
     return tags
 
 
-def _check_same_model(metadata: dict[str, str], metrics_doc: dict[str, Any]) -> None:
-    """Refuse metrics of another model: input size, method or (keypoints graphs) flip test differ."""
+def _check_same_model(metadata: dict[str, str], metrics_doc: dict[str, Any], onnx_sha256: str) -> None:
+    """Refuse metrics of another model or set, and a raw graph.
+
+    Metrics of another file (``model_sha256``, which `cal-pose evaluate`
+    records), of a train split, or whose input size, method or (keypoints
+    graphs) flip test differ would put a wrong AP on the version and could
+    make it champion; so would a raw graph, which is not what deployments
+    loading ``@champion`` expect (the keypoints graph decodes inside).
+    """
+    if metadata.get("graph") == "raw":
+        raise ValueError("this is the raw graph (heatmaps and offsets out): register the keypoints graph, "
+                         "keypoints.onnx, which deployments loading the registry expect")
+    if metrics_doc.get("model_sha256") and metrics_doc["model_sha256"] != onnx_sha256:
+        raise ValueError(f"the metrics were computed on another model file (sha256 "
+                         f"{metrics_doc['model_sha256'][:12]}..., this ONNX {onnx_sha256[:12]}...): evaluate this "
+                         "file and register it with that metrics.json")
+    if metrics_doc.get("split", "val") != "val":
+        raise ValueError(f"the metrics were scored on a {metrics_doc['split']} split: register a model with "
+                         "its metrics on the val split")
     for key, what in (("input_size", "input size"), ("method", "method")):
         if metrics_doc.get(key) and metadata.get(key) != metrics_doc[key]:
             raise ValueError(f"model {what} {metadata.get(key)} does not match the evaluated {what} "
@@ -104,12 +120,12 @@ def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "ca
         if key not in metrics_doc:
             raise ValueError(f"metrics file lacks {key!r} (is it the metrics.json of `cal-pose evaluate`?)")
     metadata = read_metadata(onnx_path)
-    _check_same_model(metadata, metrics_doc)
+    onnx_sha256 = sha256_of(onnx_path)
+    _check_same_model(metadata, metrics_doc, onnx_sha256)
     if "'" in name:
         raise ValueError(f"registered model name {name!r}: quotes are not allowed (MLflow search filters)")
     ap = float(metrics_doc["metrics"]["AP"])
-    tags = {**_model_tags(metrics_doc, metadata),
-            "onnx_sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()}
+    tags = {**_model_tags(metrics_doc, metadata), "onnx_sha256": onnx_sha256}
     with tracking.stage_run("register", tags={"model_name": name}) as run:
         run.log_metrics({"AP": ap})
         identity = {key: tags[key] for key in ("onnx_sha256", "val_digest")}

@@ -37,6 +37,21 @@ def fetch_local(uri: str | Path, dst: Path) -> Path:
     return dst
 
 
+def sha256_of(uri: str | Path) -> str:
+    """sha256 hex digest of a file's bytes (local files are read in chunks, not held in memory)."""
+    import hashlib
+
+    if is_remote(uri):
+        from cal_core import storage
+
+        return hashlib.sha256(storage.read_bytes(str(uri))).hexdigest()
+    digest = hashlib.sha256()
+    with local_path(uri).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def output_dir(uri: str | Path, staging: Path) -> Path:
     """Where to write outputs for ``uri``: the folder itself if local (created), else ``staging``."""
     path = staging if is_remote(uri) else local_path(uri)

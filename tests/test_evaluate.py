@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +233,37 @@ def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, ti
     report = (out / "report.md").read_text()
     assert "| Method | Backbone | Input size | AP |" in report and "left_ankle" in report
     assert doc["counts"]["gt_area_from_box"] == 0 and "no area in the source file" not in report
+    assert doc["split"] == "val" and "train** split" not in report
+    assert doc["model_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()  # what register checks
     assert (out / "oks_histogram.png").is_file()
     assert len(list((out / "overlays").glob("*.png"))) == evaluate.OVERLAYS
+
+
+def test_an_edited_annotations_json_is_refused(val_shards: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycocotools scores against annotations.json: cut down by hand, it scored other people than the shards."""
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    edited = tmp_path / "val"
+    shutil.copytree(val_shards, edited)
+    gt = json.loads((edited / "annotations.json").read_text())
+    gt["annotations"] = gt["annotations"][: len(gt["annotations"]) // 2]
+    (edited / "annotations.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match="does not match the sha256 its manifest records"):
+        evaluate.evaluate(str(tiny_checkpoint), str(edited), tmp_path / "out")
+
+
+def test_a_train_split_is_scored_with_a_warning_and_a_report_note(val_shards: Path, tiny_checkpoint: Path,
+                                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAL_POSE_TRACKING", "off")
+    as_train = tmp_path / "train"
+    shutil.copytree(val_shards, as_train)
+    manifest = json.loads((as_train / "manifest.json").read_text())
+    (as_train / "manifest.json").write_text(json.dumps({**manifest, "split": "train"}))
+    with caplog.at_level("WARNING", logger="cal_core.evaluate"):
+        doc = evaluate.evaluate(str(tiny_checkpoint), str(as_train), tmp_path / "out")
+    assert doc["split"] == "train" and "is a train split" in caplog.text
+    assert "scored on a **train** split" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_report_says_when_box_areas_stood_in_for_missing_ones(coco_mini: Path, tiny_checkpoint: Path,

@@ -113,6 +113,23 @@ def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys:
         register.register(no_flip, {**_metrics(0.3), "method": "cal", "flip": True})
 
 
+def test_metrics_of_another_file_of_a_train_split_and_raw_graphs_are_refused(registry: Path) -> None:
+    """Each once registered: a wrong AP on the version (and a possible champion), or a graph deployments can't use."""
+    import hashlib
+
+    model = _onnx_file(registry / "m.onnx", "m", graph="keypoints", flip_test="true")
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    other = _onnx_file(registry / "o.onnx", "o", graph="keypoints", flip_test="true")
+    with pytest.raises(ValueError, match="computed on another model file"):
+        register.register(other, {**_metrics(0.3), "model_sha256": digest})
+    with pytest.raises(ValueError, match="scored on a train split"):
+        register.register(model, {**_metrics(0.3), "model_sha256": digest, "split": "train"})
+    with pytest.raises(ValueError, match="this is the raw graph"):
+        register.register(_onnx_file(registry / "r.onnx", "r", graph="raw"), _metrics(0.3))
+    decision = register.register(model, {**_metrics(0.3), "model_sha256": digest, "split": "val", "flip": True})
+    assert decision.alias == "champion"
+
+
 def test_unreachable_registry_fails_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as s:

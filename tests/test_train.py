@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from collections.abc import Iterator
@@ -465,6 +466,9 @@ def test_a_val_set_nobody_is_scored_in_is_refused_before_training(tiny_shards, t
     for ann in gt["annotations"]:
         ann["keypoints"], ann["num_keypoints"] = [0] * 51, 0
     (val / "annotations.json").write_text(json.dumps(gt))
+    manifest = json.loads((val / "manifest.json").read_text())  # as downsample would have recorded it
+    manifest["annotations"]["sha256"] = hashlib.sha256((val / "annotations.json").read_bytes()).hexdigest()
+    (val / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SetupError, match="none of its .* people has a labelled keypoint"):
         train(_config(tiny_shards, tmp_path / "run", val_shards=str(val), val_every=1))
     assert not (tmp_path / "run" / checkpoint.LAST).exists()
