@@ -13,6 +13,7 @@ checkpoint carries, so a run can be described and resumed from its checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -108,9 +109,11 @@ class TrainConfig:
             (self.device in DEVICES or self.device.startswith("cuda:"), f"device must be one of {DEVICES}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}"),
             (self.alpha is None or self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.max_steps >= 0, f"max_steps must be >= 0 (0: whole epochs), got {self.max_steps}"),
+            (self.threads >= 0, f"threads must be >= 0 (0: cores minus workers), got {self.threads}"),
             (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),

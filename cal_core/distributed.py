@@ -52,7 +52,7 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {preference} requested but CUDA is not available")
+            raise ValueError(f"--device {preference} requested but CUDA is not available (--device auto or cpu)")
         return torch.device(preference if ":" in preference else f"cuda:{local_rank}")
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 

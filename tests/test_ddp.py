@@ -89,7 +89,7 @@ def test_device_choice() -> None:
         assert pick_device("cuda:0", 3) == torch.device("cuda:0")
     else:
         assert pick_device("auto", 0) == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda", 0)
 
 

@@ -146,8 +146,11 @@ def test_bad_weights_are_refused(tmp_path) -> None:
         build_model("tiny", "heatmap", weights=tmp_path / "foreign.pt")
     wrong = build_model("tiny", "heatmap", num_joints=5).state_dict()
     torch.save(wrong, tmp_path / "wrong.pt")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"wrong.pt: a pose model whose tensors do not fit this one"):
         build_model("tiny", "heatmap", weights=tmp_path / "wrong.pt")
+    torch.save(build_model("tiny", "heatmap").state_dict(), tmp_path / "heatmap.pt")  # once a RuntimeError
+    with pytest.raises(ValueError, match="same method, backbone and joints"):
+        build_model("tiny", "offset", weights=tmp_path / "heatmap.pt")
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:

@@ -318,6 +318,13 @@ def test_bad_settings_are_rejected(tmp_path: Path) -> None:
         _config(shards, tmp_path, lr_steps=(5, 2))
     with pytest.raises(ValueError, match=r"lr_steps \[170, 200\] must lie inside the 50 epochs"):
         _config(shards, tmp_path, epochs=50, lr_steps=(170, 200))
+    for lr in (float("inf"), float("nan"), 0.0):  # inf once trained a step, then NonFiniteLossError (traceback)
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            _config(shards, tmp_path, lr=lr)
+    with pytest.raises(ValueError, match="max_steps must be >= 0"):
+        _config(shards, tmp_path, max_steps=-5)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        _config(shards, tmp_path, threads=-3)
 
 
 def test_default_lr_steps_scale_the_paper_schedule_to_the_epochs(tmp_path: Path) -> None:

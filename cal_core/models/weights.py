@@ -82,6 +82,12 @@ def load_weights(model: nn.Module, uri: str | Path) -> None:
     state = _state_dict(load_file(uri), uri)
     own = model.state_dict()
     if set(state) <= set(own):
+        wrong = [k for k, v in state.items() if own[k].shape != v.shape]
+        if wrong:  # load_state_dict's own error is a multi-line RuntimeError
+            raise ValueError(f"{uri}: a pose model whose tensors do not fit this one ({wrong[0]}: "
+                             f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}; {len(wrong)} "
+                             "differ): --weights takes a model of the same method, backbone and joints, or "
+                             "backbone weights")
         model.load_state_dict(state, strict=True)
         return
     mapped = {}
