@@ -1,8 +1,9 @@
 """The ``cal-pose`` command: one subcommand per pipeline stage, plus ``pipeline``.
 
 Input and settings errors (``ValueError``, ``FileNotFoundError``) print one
-line and exit 2 (``CAL_POSE_TRACEBACK=1`` shows the traceback); Ctrl-C exits
-130. Each subcommand lives in the module that implements the stage. That module
+line and exit 2, other ``OSError``s (permissions, a read-only or full disk)
+one line and exit 1 (``CAL_POSE_TRACEBACK=1`` shows the traceback); Ctrl-C
+exits 130. Each subcommand lives in the module that implements the stage. That module
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its subcommand is called, so ``cal-pose synth`` does not pay for torch or
 kfp start-up it does not need.
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cal-pose {name}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # bad input or settings: the message names it
+    except (ValueError, OSError) as exc:  # the message names the file, flag or path
         if os.environ.get(TRACEBACK_ENV):
             raise
         print(f"cal-pose {name}: {exc}", file=sys.stderr)
-        return 2
+        # 2: bad input or settings; 1: the machine refused (permissions, read-only or full disk)
+        return 2 if isinstance(exc, ValueError | FileNotFoundError) else 1
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
     if max_components < 1 or max_samples < 0 or batch_size < 1 or workers < 0:
         raise ValueError(f"need --max-components >= 1, --max-samples >= 0 (0: all), --batch-size >= 1 and "
                          f"--workers >= 0, got {max_components}, {max_samples}, {batch_size}, {workers}")
+    storage.check_writable(out)  # before the displacement pass, not after it
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
     codec = codec_from_config(config)

@@ -181,6 +181,25 @@ def temp_beside(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name next to {path}")
 
 
+def check_writable(folder: str | Path) -> None:
+    """Create the local ``folder`` and write (then delete) a probe file in it; ValueError naming it if that fails.
+
+    Stages call this before any work, so an output that is a file, on a
+    read-only mount or not ours fails at once instead of after an epoch or
+    a decoding pass. S3 prefixes are not probed (that would leave an object).
+    """
+    if is_s3(folder):
+        return
+    path = _local(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_beside(path / "write-probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ValueError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+
+
 def remove_temporaries(folder: str | Path, name: str) -> int:
     """Delete what killed atomic writes of ``<folder>/<name>`` left behind; how many (S3 writes leave none).
 

@@ -593,6 +593,7 @@ def train(config: TrainConfig) -> str:
     torch.set_num_threads(cpu_threads(config.threads, config.workers))
     ctx = distributed.init(config.device)
     try:
+        _check_out(config)
         if ctx.is_main:  # checkpoint copies a killed save left (each the size of the checkpoint)
             for name in (checkpoint.LAST, checkpoint.FINAL):
                 storage.remove_temporaries(config.out, name)
@@ -614,6 +615,22 @@ def train(config: TrainConfig) -> str:
             return _finish(s, tracker)
     finally:
         distributed.shutdown(ctx)
+
+
+def _check_out(config: TrainConfig) -> None:
+    """:class:`SetupError` if ``out`` cannot be written, or holds a training and this run does not ``resume`` it.
+
+    Without the check a typo'd rerun replaced a finished model.pt and its
+    last.pt after one epoch; an unwritable out failed only at the first save.
+    """
+    try:
+        storage.check_writable(config.out)
+    except ValueError as exc:
+        raise SetupError(f"--out: {exc}") from exc
+    found = [name for name in (checkpoint.LAST, checkpoint.FINAL) if storage.exists(storage.join(config.out, name))]
+    if found and not config.resume:
+        raise SetupError(f"{config.out} already holds a training ({', '.join(found)}): --resume continues it, "
+                         "another --out starts a new one")
 
 
 def _start(config: TrainConfig, ctx: distributed.DistContext) -> tuple[Session, str | None]:

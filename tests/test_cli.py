@@ -24,6 +24,30 @@ def test_input_errors_are_one_line_with_exit_code_2(tmp_path: Path, monkeypatch:
         assert "need --max-components >= 1, --max-samples >= 0" in capsys.readouterr().err
 
 
+def test_an_output_the_machine_refuses_is_one_line_before_any_work(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A file as --out once failed with a traceback after a whole decoding pass (downsample) or an epoch (train)."""
+    (tmp_path / "a-file").write_text("not a folder")
+    out = str(tmp_path / "a-file")
+    assert cli.main(["downsample", "--coco", str(tmp_path / "no-coco"), "--split", "val", "--out", out,
+                     "--input-size", "64x48"]) == 2  # refused before the (missing) annotation file is read
+    assert f"cal-pose downsample: cannot write to {out}" in capsys.readouterr().err
+    assert cli.main(["fit-gmm", "--checkpoint", "x.pt", "--shards", "s", "--out", out]) == 2
+    assert f"cal-pose fit-gmm: cannot write to {out}" in capsys.readouterr().err
+
+
+def test_other_os_errors_are_one_line_with_exit_1(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import cal_core.register as register
+
+    def refused(args: argparse.Namespace) -> int:
+        raise PermissionError(13, "Permission denied", "/models/out")
+
+    monkeypatch.setattr(register, "run", refused)
+    assert cli.main(["register", "--model", "m", "--metrics", "x"]) == 1
+    assert capsys.readouterr().err == "cal-pose register: [Errno 13] Permission denied: '/models/out'\n"
+
+
 def test_the_traceback_switch_and_ctrl_c(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import cal_core.register as register
 

@@ -279,6 +279,21 @@ def test_unreachable_mlflow_does_not_stop_training(tiny_shards, tmp_path: Path,
     assert '"kind": "params"' in offline and "train_manifest_sha256" in offline
 
 
+def test_an_out_that_holds_a_training_or_cannot_be_written_is_refused_before_training(tiny_shards,
+                                                                                      tmp_path: Path) -> None:
+    """A rerun without --resume once replaced a finished model after an epoch; an unwritable out failed at its save."""
+    from cal_core.train import SetupError
+
+    model = Path(train(_config(tiny_shards, tmp_path / "run", method="udp", max_steps=1)))
+    before = model.read_bytes()
+    with pytest.raises(SetupError, match=r"already holds a training \(last.pt, model.pt\): --resume continues it"):
+        train(_config(tiny_shards, tmp_path / "run", method="udp", max_steps=1, seed=1))
+    assert model.read_bytes() == before
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SetupError, match="--out: cannot write to .*a-file"):
+        train(_config(tiny_shards, tmp_path / "a-file", method="udp", max_steps=1))
+
+
 def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path) -> None:
     import random
 

@@ -517,6 +517,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                               f"{margin}, {shard_size}")
     if math.isnan(det_score_thr):
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
+    storage.check_writable(out)  # an unwritable out fails now, not at the first shard after decoding
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
     _warn_box_areas(plan, source["annotations"]["uri"])
     if strict and plan.skipped:
