@@ -310,7 +310,8 @@ def _restore(s: Session, uri: str) -> None:
         s.scaler.load_state_dict(state["scaler"])
     s.epoch, s.epoch_step, s.step = state["epoch"], state["epoch_step"], state["step"]
     s.mlflow_run_id = state.get("mlflow_run_id") or ""
-    s.val_pending = bool(state.get("val_pending", False))
+    # the validation the attempt before owed, if this run validates at all (else there is nothing to score on)
+    s.val_pending = bool(state.get("val_pending", False) and s.config.val_shards and s.config.val_every)
     if s.masks is not None and state.get("mgm"):
         s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
     checkpoint.set_rng_state(state["rng"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -474,6 +475,13 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
     assert validated == [1, 2]
     assert [m["epoch"] for m in _val_points(tmp_path / "run")] == [1.0, 2.0]
+    # resumed without validation, the owed one is dropped (it once read "None/manifest.json")
+    shutil.copytree(tmp_path / "run", tmp_path / "no-val", ignore=shutil.ignore_patterns("model.pt"))
+    state = checkpoint.load(str(tmp_path / "no-val" / checkpoint.LAST))
+    checkpoint.save(str(tmp_path / "no-val" / checkpoint.LAST), {**state, "epoch": 1, "val_pending": True})
+    validated.clear()
+    train(_config(tiny_shards, tmp_path / "no-val", resume=True, epochs=2))
+    assert validated == []
 
 
 def test_a_val_set_nobody_is_scored_in_is_refused_before_training(tiny_shards, tmp_path: Path) -> None:
