@@ -542,6 +542,17 @@ def test_joints_listed_in_another_order_are_put_in_coco_order(coco_mini: Path, t
             downsample.downsample(str(root), "val", str(tmp_path / "bad"), ["64x48"], workers=1, progress=False)
 
 
+def test_sizes_training_refuses_and_a_threshold_without_detections_are_warned_about(
+        coco_mini: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _small_root(coco_mini, tmp_path, n_images=1)
+    with caplog.at_level("WARNING", logger="cal_core.data.downsample"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), ["63x47", "64x48"], det_score_thr=0.5,
+                              workers=1, progress=False)
+    assert "input size 63x47: the pose models need sides that are multiples of 4" in caplog.text
+    assert "64x48" not in caplog.text.split("multiples of 4")[0]
+    assert "--det-score-thr 0.5 does nothing without --detections" in caplog.text
+
+
 def test_an_area_of_zero_becomes_the_box_area_and_is_counted(coco_mini: Path, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """Converters without segmentation write area 0, which makes every person unmatchable in COCOeval (AP 0).

@@ -517,6 +517,7 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                               f"{margin}, {shard_size}")
     if math.isnan(det_score_thr):
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
+    _warn_settings(sizes, detections, det_score_thr)
     storage.check_writable(out)  # an unwritable out fails now, not at the first shard after decoding
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
     _warn_box_areas(plan, source["annotations"]["uri"])
@@ -546,6 +547,17 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
     _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
     _finish(writer, gt, plan)
     return _report(outputs, [_previous(o.uri, header[o.size]) for o in outputs], already_complete=False)
+
+
+def _warn_settings(sizes: Sequence[tuple[int, int]], detections: str | None, det_score_thr: float) -> None:
+    """Warn about settings that are valid here but surprise later: odd sizes, a threshold without detections."""
+    odd = [shards.size_name(size) for size in sizes if size[0] % 4 or size[1] % 4]
+    if odd:
+        log.warning("input size %s: the pose models need sides that are multiples of 4 (heatmaps are input/4), "
+                    "so `cal-pose train` will refuse these shards", ", ".join(odd))
+    if det_score_thr and not detections:
+        log.warning("--det-score-thr %g does nothing without --detections (ground-truth boxes are all kept)",
+                    det_score_thr)
 
 
 def _warn_box_areas(plan: coco.SplitPlan, where: str) -> None:
