@@ -577,6 +577,8 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
                                   details.keypoint_error_px, details.keypoint_count, details.best_oks, notes)
     _write(out / "report.md", text)
     (out / "overlays").mkdir(exist_ok=True)
+    for stale in (out / "overlays").glob("[0-9][0-9][0-9].png"):  # an earlier evaluation's into the same --out
+        stale.unlink()
     for i, (crop, kpts, scores, gt) in enumerate(collected.overlays):
         report.draw_overlay(crop, kpts, scores, gt).save(out / "overlays" / f"{i:03d}.png")
 

@@ -218,6 +218,8 @@ def test_cli_metrics_are_pycocotools_on_the_written_results(val_shards: Path, ti
     monkeypatch.setenv("CAL_POSE_TRACKING", "off")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "eval"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "099.png").write_bytes(b"an earlier evaluation's overlay")
     assert evaluate.run(_args(tiny_checkpoint, val_shards, out)) == 0
     doc = json.loads((out / "metrics.json").read_text())
     direct = direct_pycocotools(val_shards / "annotations.json", out / "results.json")
