@@ -182,15 +182,17 @@ def temp_beside(path: Path) -> tuple[int, str]:
 
 
 def check_writable(folder: str | Path) -> None:
-    """Create the local ``folder`` and write (then delete) a probe file in it; ValueError naming it if that fails.
+    """Write (then delete) a probe file in the local ``folder``; ValueError naming it if that fails.
 
     Stages call this before any work, so an output that is a file, on a
     read-only mount or not ours fails at once instead of after an epoch or
-    a decoding pass. S3 prefixes are not probed (that would leave an object).
+    a decoding pass. Folders it had to create are removed again: a refused
+    run leaves nothing. S3 prefixes are not probed (that would leave an object).
     """
     if is_s3(folder):
         return
-    path = _local(folder)
+    path = _local(folder).absolute()
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, tmp = temp_beside(path / "write-probe")
@@ -198,6 +200,10 @@ def check_writable(folder: str | Path) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise ValueError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+    finally:
+        for new in created:  # deepest first
+            with contextlib.suppress(OSError):
+                new.rmdir()
 
 
 def remove_temporaries(folder: str | Path, name: str) -> int:

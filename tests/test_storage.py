@@ -155,3 +155,13 @@ def test_local_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "out" / "a.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_check_writable_probes_without_leaving_anything(tmp_path: Path) -> None:
+    """A refused run must leave no folder behind; a file or a read-only folder as the output is named."""
+    storage.check_writable(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the probe are gone again
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot write to .*file"):
+        storage.check_writable(tmp_path / "file" / "out")
+    storage.check_writable("s3://bucket/prefix")  # not probed: that would leave an object
