@@ -594,7 +594,7 @@ def train(config: TrainConfig) -> str:
     torch.set_num_threads(cpu_threads(config.threads, config.workers))
     ctx = distributed.init(config.device)
     try:
-        _check_out(config)
+        _check_out(config, ctx.is_main)
         if ctx.is_main:  # checkpoint copies a killed save left (each the size of the checkpoint)
             for name in (checkpoint.LAST, checkpoint.FINAL):
                 storage.remove_temporaries(config.out, name)
@@ -618,14 +618,17 @@ def train(config: TrainConfig) -> str:
         distributed.shutdown(ctx)
 
 
-def _check_out(config: TrainConfig) -> None:
-    """:class:`SetupError` if ``out`` cannot be written, or holds a training and this run does not ``resume`` it.
+def _check_out(config: TrainConfig, probe: bool) -> None:
+    """:class:`SetupError` if ``out`` holds a training this run does not ``resume``, or (``probe``) is unwritable.
 
     Without the check a typo'd rerun replaced a finished model.pt and its
     last.pt after one epoch; an unwritable out failed only at the first save.
+    Only the main rank probes (it alone writes there; probes of several
+    ranks would remove each other's folder).
     """
     try:
-        storage.check_writable(config.out)
+        if probe:
+            storage.check_writable(config.out)
     except ValueError as exc:
         raise SetupError(f"--out: {exc}") from exc
     found = [name for name in (checkpoint.LAST, checkpoint.FINAL) if storage.exists(storage.join(config.out, name))]
