@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import shutil
 import socket
 from collections.abc import Iterator
@@ -293,6 +294,35 @@ def test_an_out_that_holds_a_training_or_cannot_be_written_is_refused_before_tra
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(SetupError, match="--out: cannot write to .*a-file"):
         train(_config(tiny_shards, tmp_path / "a-file", method="udp", max_steps=1))
+
+
+def test_ctrl_c_stops_at_the_next_step_and_a_second_one_at_once(tiny_shards, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt raised while the DataLoader forked was swallowed by an at-fork callback."""
+    import os
+    import signal
+
+    import cal_core.train as train_module
+
+    real, steps = train_module.train_step, []
+
+    def step_then_ctrl_c(s, batch):
+        steps.append(s.step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled here: a flag, no exception inside the step
+        return real(s, batch)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_shards, tmp_path / "run", method="udp", epochs=3))
+    assert steps == [0, 1]  # the step that got the signal finished; the next one never started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert not train_module._STOP_REQUESTED.is_set()
+    with train_module._ctrl_c_between_steps():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
 
 
 def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path) -> None:
