@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
