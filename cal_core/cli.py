@@ -2,7 +2,7 @@
 
 Input and settings errors (``ValueError``, ``FileNotFoundError``) print one
 line and exit 2, other ``OSError``s (permissions, a read-only or full disk)
-one line and exit 1 (``CAL_POSE_TRACEBACK=1`` shows the traceback); Ctrl-C
+and :class:`StageFailed` one line and exit 1 (``CAL_POSE_TRACEBACK=1`` shows the traceback); Ctrl-C
 exits 130. Each subcommand lives in the module that implements the stage. That module
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its subcommand is called, so ``cal-pose synth`` does not pay for torch or
@@ -19,6 +19,10 @@ import sys
 
 #: Set (to anything) to get the traceback of an input or settings error instead of its one-line message.
 TRACEBACK_ENV = "CAL_POSE_TRACEBACK"
+
+
+class StageFailed(RuntimeError):
+    """A stage ran and failed for a reason its message explains (a worker died, a parity check): exit 1."""
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cal-pose {name}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:  # the message names the file, flag or path
+    except (ValueError, OSError, StageFailed) as exc:  # the message names the file, flag or path
         if os.environ.get(TRACEBACK_ENV):
             raise
         print(f"cal-pose {name}: {exc}", file=sys.stderr)
-        # 2: bad input or settings; 1: the machine refused (permissions, read-only or full disk)
+        # 2: bad input or settings; 1: the machine refused (permissions, read-only or full disk) or the stage failed
         return 2 if isinstance(exc, ValueError | FileNotFoundError) else 1
 
 

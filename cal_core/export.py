@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from cal_core import infer, tracking
+from cal_core.cli import StageFailed
 from cal_core.geometry import DEFAULT_PADDING
 from cal_core.skeleton import KEYPOINT_NAMES, LIMBS
 
@@ -84,7 +84,7 @@ KEYPOINT_SCORES = {
 }
 
 
-class ParityError(RuntimeError):
+class ParityError(StageFailed):
     """onnxruntime and torch disagree beyond tolerance (the message has the numbers)."""
 
 
@@ -351,32 +351,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, self-check, publish to ``--out`` and log to MLflow; 1 on a parity failure (bad input raises)."""
+    """Export, self-check, publish to ``--out`` and log to MLflow (errors, a parity failure too: cal_core.cli)."""
     from cal_core.models import load_checkpoint, model_from_checkpoint
     from cal_core.uris import output_dir, publish
 
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        config = dict(ckpt["config"])
-        model = model_from_checkpoint(ckpt)
-        real = real_crops(args.shards, codec_for(config)) if args.shards else None
-        params = {"checkpoint": args.checkpoint, "flip": args.flip, "method": config["method"],
-                  "backbone": config.get("backbone"), "input_size": config["input_size"], "opset": OPSET}
-        with tempfile.TemporaryDirectory() as tmp, \
-                tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
-            out = output_dir(args.out, Path(tmp) / "out")
-            try:
-                report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
-                                      str(ckpt.get("code_version", "")))
-            finally:  # parity.json explains a failure too
-                publish(out, args.out)
-                tracker.log_artifact(out, "onnx")
-            for row in report["checks"]:
-                tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
-                                     if isinstance(v, float)})
-    except ParityError as exc:  # other bad input (ValueError, FileNotFoundError): one line, exit 2 (cal_core.cli)
-        print(f"cal-pose export: {exc}", file=sys.stderr)
-        return 1
+    ckpt = load_checkpoint(args.checkpoint)
+    config = dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt)
+    real = real_crops(args.shards, codec_for(config)) if args.shards else None
+    params = {"checkpoint": args.checkpoint, "flip": args.flip, "method": config["method"],
+              "backbone": config.get("backbone"), "input_size": config["input_size"], "opset": OPSET}
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
+        out = output_dir(args.out, Path(tmp) / "out")
+        try:
+            report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
+                                  str(ckpt.get("code_version", "")))
+        finally:  # parity.json explains a failure too
+            publish(out, args.out)
+            tracker.log_artifact(out, "onnx")
+        for row in report["checks"]:
+            tracker.log_metrics({f"parity/{row['inputs'].replace(' ', '_')}/{k}": v for k, v in row.items()
+                                 if isinstance(v, float)})
     print(f"exported {config['method']} {report['input_size']} to {args.out}: parity ok "
           f"({', '.join(r['inputs'] for r in report['checks'])})")
     return 0

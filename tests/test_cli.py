@@ -48,6 +48,25 @@ def test_other_os_errors_are_one_line_with_exit_1(monkeypatch: pytest.MonkeyPatc
     assert capsys.readouterr().err == "cal-pose register: [Errno 13] Permission denied: '/models/out'\n"
 
 
+def test_a_stage_that_failed_is_one_line_with_exit_1(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A dead downsampling worker and a failed parity check: what the stage modules once printed themselves."""
+    from cal_core import export
+    from cal_core.data import downsample
+
+    for module, error in ((downsample, downsample.WorkerCrashError("a worker died")),
+                          (export, export.ParityError("onnxruntime vs torch mismatch"))):
+        def failed(args: argparse.Namespace, error: Exception = error) -> int:
+            raise error
+
+        monkeypatch.setattr(module, "run", failed)
+        name = "downsample" if module is downsample else "export"
+        flags = (["--coco", "c", "--split", "val", "--out", "o", "--input-size", "64x48"] if name == "downsample"
+                 else ["--checkpoint", "c.pt", "--out", "o"])
+        assert cli.main([name, *flags]) == 1
+        assert capsys.readouterr().err == f"cal-pose {name}: {error}\n"
+
+
 def test_the_traceback_switch_and_ctrl_c(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import cal_core.register as register
 

@@ -56,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cal_core import storage
+from cal_core.cli import StageFailed
 from cal_core.data import coco, crops, shards
 from cal_core.geometry import DEFAULT_PADDING, affine_points, invert_affine
 
@@ -76,7 +77,7 @@ class DownsampleError(ValueError):
     """A skip under ``strict`` or invalid settings; the message names the record and file."""
 
 
-class WorkerCrashError(RuntimeError):
+class WorkerCrashError(StageFailed):
     """A worker process died mid-run; the message names the image it may have died on."""
 
 
@@ -631,16 +632,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the stage from parsed flags; prints one line per input size (exit 1 with the reason if a worker died)."""
+    """Run the stage from parsed flags; prints one line per input size (errors: one line from cal_core.cli)."""
     params = {"coco": args.coco, "split": args.split, "ann_file": args.ann_file or "",
               "image_dir": args.image_dir or "", "out": args.out, "input_sizes": ",".join(args.input_sizes),
               "detections": args.detections or "", "det_score_thr": args.det_score_thr,
               "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
-    try:  # bad input or settings (ValueError, FileNotFoundError): one line and exit 2 from cal_core.cli
-        report = _tracked_run(args, params)
-    except WorkerCrashError as exc:
-        print(f"cal-pose downsample: {exc}", file=sys.stderr)  # the prefix cal_core.cli gives other errors
-        return 1
+    report = _tracked_run(args, params)  # bad input: exit 2, a worker that died: exit 1 (cal_core.cli)
     for size, entry in report.items():
         counts = entry["counts"]
         state = "all already complete" if entry["already_complete"] else f"{entry['written']} written"
