@@ -617,7 +617,9 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
     }
     write_outputs(out, doc, results, details, got)
     if tracker is not None:
-        tracker.log_metrics(metrics)
+        from cal_core.tracking import defined_metrics
+
+        tracker.log_metrics(defined_metrics(metrics))
         tracker.log_artifact(out)
     return doc
 

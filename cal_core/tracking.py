@@ -492,11 +492,17 @@ def pipeline_run(run_name: str, experiment: str | None = None, tags: Mapping[str
                 os.environ[PARENT_ENV] = previous
 
 
-def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric, finite entries of ``metrics`` (helper for callers with mixed dicts)."""
+def defined_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The COCO metrics worth logging: numeric, finite, and not COCOeval's ``-1``.
+
+    COCOeval writes -1 where a metric is undefined (no ground truth in that
+    area range: APL on a set of small people); logged, it would plot as a
+    real score below zero and pull down run comparisons and averages.
+    ``metrics.json`` keeps the -1, as pycocotools prints it.
+    """
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
             out[key] = float(value)
     return out
 

@@ -507,7 +507,7 @@ def validate(s: Session) -> dict[str, float]:
     metrics = evaluate_model(s.model, s.codec, s.config.val_shards, flip=s.config.val_flip,
                              device=s.ctx.device, batch_size=max(s.config.batch_size, 64),
                              progress=s.config.progress)
-    return {f"val_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return {f"val_{k}": v for k, v in tracking.defined_metrics(metrics).items()}
 
 
 def _run_params(s: Session) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def finish_pipeline_run(parent_run_id: str, metrics_path: str, decision: str) ->
         return
     doc = json.loads(Path(metrics_path).read_text())
     parent = tracking.attach_run(parent_run_id)
-    parent.log_metrics(tracking.finite_metrics(doc.get("metrics", {})))
+    parent.log_metrics(tracking.defined_metrics(doc.get("metrics", {})))
     parent.set_tags({"registry_decision": decision})
     parent.end("FINISHED")
 

@@ -130,7 +130,7 @@ def finish_run(setup: RunSetup, parent: tracking.Tracker, decision: str, extra: 
     """Put the evaluation's metrics on the parent run and write ``runs/<run-id>/summary.json``."""
     evaluation = find_one(setup.run_dir / "artifacts", "*/evaluate/evaluation/metrics.json")
     doc = json.loads(evaluation.read_text())
-    parent.log_metrics(tracking.finite_metrics(doc["metrics"]))
+    parent.log_metrics(tracking.defined_metrics(doc["metrics"]))
     parent.set_tags({"registry_decision": decision})
     summary = {
         "run_id": setup.run_id, "mlflow_run_id": parent.run_id, "tracking_uri": tracking.redact_uri(tracking.tracking_uri()), **extra,

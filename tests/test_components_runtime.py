@@ -19,13 +19,13 @@ def test_parent_run_is_closed_with_metrics_only_in_cluster_runs(tmp_path: Path, 
     assert runtime.pipeline_opened_parent_run()  # nothing inherited: the pipeline's own task opened it
     parent = tracking.start_run("pipeline kfp-run", "runtime-exp")
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"metrics": {"AP": 0.5, "AR": 0.625}, "method": "cal"}))
+    metrics.write_text(json.dumps({"metrics": {"AP": 0.5, "AR": 0.625, "APL": -1.0}, "method": "cal"}))
 
     runtime.finish_pipeline_run(parent.run_id, str(metrics), "champion: cal-pose v3 (AP 0.500000)")
 
     run = MlflowClient(tracking_uri=uri).get_run(parent.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics == {"AP": 0.5, "AR": 0.625}
+    assert run.data.metrics == {"AP": 0.5, "AR": 0.625}  # COCOeval's -1 (no large person) is not a score
     assert run.data.tags["registry_decision"] == "champion: cal-pose v3 (AP 0.500000)"  # as make run tags it
     monkeypatch.setenv(tracking.PARENT_ENV, parent.run_id)  # make run exports it to every task
     assert not runtime.pipeline_opened_parent_run()

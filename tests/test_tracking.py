@@ -143,9 +143,10 @@ def test_tracking_off_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (tmp_path / tracking.OFFLINE_FILE).is_file()
 
 
-def test_finite_metrics_keeps_only_numbers() -> None:
-    assert tracking.finite_metrics({"a": 1, "b": float("nan"), "c": "x", "d": True, "e": 2.5}) == {
-        "a": 1.0, "e": 2.5}
+def test_defined_metrics_keeps_only_scores() -> None:
+    """NaN, strings, bools and COCOeval's -1 (no ground truth in that area range) are not logged."""
+    assert tracking.defined_metrics({"a": 1, "b": float("nan"), "c": "x", "d": True, "e": 2.5, "APL": -1.0,
+                                     "AP": 0.0}) == {"a": 1.0, "e": 2.5, "AP": 0.0}
 
 
 def test_attach_run_logs_to_and_closes_a_run_opened_elsewhere(sqlite_uri: str) -> None:
