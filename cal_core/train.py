@@ -33,8 +33,9 @@ import resource
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,10 @@ from cal_core.data.dataset import ShardDataset, add_targets, fork_safe_opencv
 from cal_core.stage2 import MaskMaker, freeze_frozen_norms, trainable_parameters
 
 log = logging.getLogger(__name__)
+
+
+#: Written after each validation during training: which checkpoint (training id, step) it scored.
+VALIDATED = "validated.json"
 
 
 class SetupError(ValueError):
@@ -81,9 +86,11 @@ class Session:
     step: int = 0
     mlflow_run_id: str = ""  # the stage's MLflow run, kept in last.pt so a resumed attempt logs to it
     # last.pt is written before the epoch's validation (a failing one must not cost the epoch) and says
-    # whether one was due: a resumed attempt runs it first. Not re-saved after validating (a checkpoint
-    # write per validation), so resuming a finished run validates its last epoch once more.
+    # whether one was due: a resumed attempt runs it first, unless <out>/validated.json records it done.
     val_pending: bool = False
+    # names this training across its attempts (kept in last.pt), so a validated.json left by another
+    # training in the same --out is not taken for this one's
+    training_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -288,7 +295,7 @@ def _state(s: Session) -> dict[str, Any]:
         "mgm": s.masks.params.to_dict() if s.masks is not None else None,
         "config": s.model_config, "code_version": checkpoint.code_version(),
         "world_size": s.ctx.world_size, "train_manifest_sha256": s.shards_sha256,
-        "mlflow_run_id": s.mlflow_run_id, "val_pending": s.val_pending,
+        "mlflow_run_id": s.mlflow_run_id, "val_pending": s.val_pending, "training_id": s.training_id,
     }
 
 
@@ -312,8 +319,10 @@ def _restore(s: Session, uri: str) -> None:
         s.scaler.load_state_dict(state["scaler"])
     s.epoch, s.epoch_step, s.step = state["epoch"], state["epoch_step"], state["step"]
     s.mlflow_run_id = state.get("mlflow_run_id") or ""
+    s.training_id = state.get("training_id") or s.training_id
     # the validation the attempt before owed, if this run validates at all (else there is nothing to score on)
-    s.val_pending = bool(state.get("val_pending", False) and s.config.val_shards and s.config.val_every)
+    s.val_pending = bool(state.get("val_pending", False) and s.config.val_shards and s.config.val_every
+                         and _validated(s.config.out) != (s.training_id, s.step))
     if s.masks is not None and state.get("mgm"):
         s.masks.params = mgm.GMMParams.from_dict(state["mgm"], source=uri)
     checkpoint.set_rng_state(state["rng"])
@@ -562,7 +571,7 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
             s.epoch % s.config.val_every == 0 or s.epoch == s.config.epochs))
         _save_last(s)  # before validating: a failing evaluation must not cost the epoch just trained
         if s.val_pending and s.ctx.is_main:
-            metrics.update(validate(s))
+            metrics.update(_validate_checkpoint(s))
         s.val_pending = False
         label = f"{s.epoch}/{s.config.epochs}" if finished else \
             f"{s.epoch + 1}/{s.config.epochs} (stopped after batch {s.epoch_step})"
@@ -572,9 +581,35 @@ def _loop(s: Session, tracker: tracking.Tracker | None) -> None:
 def _pending_validation(s: Session, tracker: tracking.Tracker | None) -> None:
     """Validate the restored epoch (rank 0) and log it at its step, so no val point (nor the last) goes missing."""
     if s.ctx.is_main:
-        _report_epoch(s, tracker, validate(s), float(s.epoch),
+        _report_epoch(s, tracker, _validate_checkpoint(s), float(s.epoch),
                       f"{s.epoch}/{s.config.epochs} (validation after resume)")
     s.val_pending = False
+
+
+def _validate_checkpoint(s: Session) -> dict[str, float]:
+    """Validate the weights ``last.pt`` was just saved with, then record that in ``<out>/validated.json``.
+
+    ``last.pt`` is written before validating (a failing evaluation must not
+    cost the epoch) and so says ``val_pending``; the record, a small atomic
+    write, tells a resume of that checkpoint (a retried task, a rerun of a
+    finished training) that its validation was done and logged already.
+    """
+    metrics = validate(s)
+    record = {"training_id": s.training_id, "step": s.step, "epoch": s.epoch, "metrics": metrics}
+    storage.write_bytes(storage.join(s.config.out, VALIDATED), json.dumps(record, indent=1).encode())
+    return metrics
+
+
+def _validated(out: str) -> tuple[str, int] | None:
+    """``(training_id, step)`` of the last validation recorded in ``<out>/validated.json``; None if none."""
+    try:
+        record = json.loads(storage.read_bytes(storage.join(out, VALIDATED)))
+        return str(record["training_id"]), int(record["step"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s in %s (%s): the checkpoint is validated again", VALIDATED, out, exc)
+        return None
 
 
 def _report_epoch(s: Session, tracker: tracking.Tracker | None, metrics: dict[str, float], epoch: float,

@@ -505,6 +505,15 @@ def test_unusable_validation_shards_fail_before_training_and_a_failing_validatio
     train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
     assert validated == [1, 2]
     assert [m["epoch"] for m in _val_points(tmp_path / "run")] == [1.0, 2.0]
+    # last.pt still says val_pending, validated.json that it was done: a rerun of the finished run scores nothing
+    assert checkpoint.load(str(tmp_path / "run" / checkpoint.LAST))["val_pending"] is True
+    train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
+    assert validated == [1, 2]
+    # ... but a validated.json another training left in the --out is not taken for this one's
+    record = json.loads((tmp_path / "run" / "validated.json").read_text())
+    (tmp_path / "run" / "validated.json").write_text(json.dumps({**record, "training_id": "another"}))
+    train(_config(tiny_shards, tmp_path / "run", resume=True, **settings))
+    assert validated == [1, 2, 2]
     # resumed without validation, the owed one is dropped (it once read "None/manifest.json")
     shutil.copytree(tmp_path / "run", tmp_path / "no-val", ignore=shutil.ignore_patterns("model.pt"))
     state = checkpoint.load(str(tmp_path / "no-val" / checkpoint.LAST))
