@@ -341,7 +341,8 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
     (``--alpha``, ``--no-augment``, ``--weights``, and in stage 2 ``--gmm``,
     whose mixture the checkpoint restores, and ``--init``), or the run would
     change them midway and record only the new ones (older checkpoints lack
-    some of these: not checked then).
+    some of these: not checked then). Those files are compared by location
+    (:func:`storage.canonical`): ``./gmm.json`` and its absolute path agree.
     """
     saved = state["config"]["train"]
     now = {key: getattr(s.config, key) for key in ("method", "stage", "backbone", "batch_size", "seed")}
@@ -358,6 +359,9 @@ def _check_resumable(s: Session, state: dict[str, Any], uri: str) -> None:
     if state["epoch_step"]:  # between epochs any number of ranks may go on
         now["world size (mid-epoch)"] = s.ctx.world_size
         was["world size (mid-epoch)"] = state.get("world_size", s.ctx.world_size)
+    for key in ("weights", "gmm", "init"):  # a file named by another spelling is the same input
+        if was[key] and now[key] and storage.canonical(was[key]) == storage.canonical(now[key]):
+            was[key] = now[key]
     for key, value in now.items():
         if was[key] != value:
             raise ValueError(f"cannot resume {uri}: it was trained with {key}={was[key]!r}, "

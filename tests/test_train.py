@@ -153,6 +153,22 @@ def test_stage2_starts_from_stage1_and_records_its_masks(tiny_shards, stage1, tm
     assert any(not torch.equal(s2["model"][k], first["model"][k]) for k in first["model"])
 
 
+def test_stage2_resumes_with_its_inputs_spelled_another_way(tiny_shards, stage1, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--init/--gmm were compared as strings: the same file by a relative path or a symlink was refused."""
+    s1, gmm = stage1
+    settings = {"stage": 2, "epochs": 1, "max_steps": 1}
+    train(_config(tiny_shards, tmp_path / "s2", init=s1, gmm=gmm, **settings))
+    (tmp_path / "link.pt").symlink_to(s1)
+    monkeypatch.chdir(Path(gmm).parent)
+    train(_config(tiny_shards, tmp_path / "s2", init=str(tmp_path / "link.pt"), gmm=Path(gmm).name, resume=True,
+                  **settings))
+    shutil.copyfile(gmm, tmp_path / "copy.json")  # another file (it may change apart from the first): refused
+    with pytest.raises(ValueError, match=r"trained with gmm=.*, this run asks for .*copy.json"):
+        train(_config(tiny_shards, tmp_path / "s2", init=s1, gmm=str(tmp_path / "copy.json"), resume=True,
+                      **settings))
+
+
 def test_stage2_refuses_an_init_of_another_method(tiny_shards, stage1, tmp_path: Path) -> None:
     """A udp checkpoint as --init once failed inside load_state_dict with a size-mismatch dump."""
     s1, gmm = stage1
