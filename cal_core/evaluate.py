@@ -586,10 +586,18 @@ def write_outputs(out: Path, doc: dict[str, Any], results: list[dict[str, Any]],
 def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, detections_uri: str | None = None,
              batch_size: int = 64, workers: int = 0, tracker: Any = None) -> dict[str, Any]:
     """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
-    from cal_core.data.dataset import ShardDataset
-    from cal_core.uris import sha256_of
+    import tempfile
 
-    predictor, info, codec = load_predictor(model_uri, flip)
+    from cal_core.data.dataset import ShardDataset
+    from cal_core.uris import fetch_local, sha256_of
+
+    with tempfile.TemporaryDirectory(prefix="cal-pose-model-") as staging:  # a remote model is fetched once
+        local = fetch_local(model_uri, Path(staging) / Path(str(model_uri)).name)
+        model_sha256 = sha256_of(local)  # the bytes scored, which register matches against the ONNX it registers
+        try:
+            predictor, info, codec = load_predictor(str(local), flip)
+        except ValueError as exc:  # name the model as the user gave it, not its staged copy
+            raise ValueError(str(exc).replace(str(local), str(model_uri))) from exc
     check_shard_set(info, shards_uri)
     detections = _read_detections(detections_uri) if detections_uri else None  # a bad file fails before inference
     dataset = ShardDataset(shards_uri, codec, train=False)
@@ -606,7 +614,7 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         "metrics": metrics, "val_digest": val_digest(gt_bytes, got),
         "method": info.method, "backbone": info.backbone,
         "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
-        "source": info.source, "model_sha256": sha256_of(model_uri), "shards": str(shards_uri),
+        "source": info.source, "model_sha256": model_sha256, "shards": str(shards_uri),
         "split": dataset.manifest.get("split"), "flip": flip, "oks_nms": OKS_NMS_THR,
         "counts": {"instances": len(got.image_ids), "unscored_instances": len(dataset) - len(got.image_ids),
                    "images": len(set(got.image_ids.tolist())),
@@ -641,13 +649,14 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, publish to ``--out``, log to MLflow and print the Table-8 row."""
     import tempfile
 
-    from cal_core import tracking
+    from cal_core import storage, tracking
     from cal_core.report import metrics_table
     from cal_core.uris import output_dir, publish
 
     params = {"model": args.model, "shards": args.shards, "flip": args.flip, "detections": args.detections,
               "batch_size": args.batch_size}
     # bad input raises ValueError / FileNotFoundError: cal_core.cli prints it as one line (exit 2)
+    storage.check_writable(args.out)  # before inference; --out itself is created with the first output
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.stage_run("evaluate", args.experiment, args.run_name, params=params) as tracker:
         out = output_dir(args.out, Path(tmp) / "out")

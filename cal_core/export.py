@@ -125,6 +125,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
         raise ValueError(f"{path} is not an ONNX model ({exc})") from exc
+    if not model.graph.node:  # an empty file parses as an empty ModelProto
+        raise ValueError(f"{path} is not an ONNX model (no graph: an empty or truncated file?)")
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -352,9 +354,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, self-check, publish to ``--out`` and log to MLflow (errors, a parity failure too: cal_core.cli)."""
+    from cal_core import storage
     from cal_core.models import load_checkpoint, model_from_checkpoint
     from cal_core.uris import output_dir, publish
 
+    storage.check_writable(args.out)
     ckpt = load_checkpoint(args.checkpoint)
     config = dict(ckpt["config"])
     model = model_from_checkpoint(ckpt)
@@ -364,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp, \
             tracking.stage_run("export", args.experiment, args.run_name, params=params) as tracker:
         out = output_dir(args.out, Path(tmp) / "out")
+        out.mkdir(parents=True, exist_ok=True)
         try:
             report = export_model(model, config, out, args.flip, real, ckpt.get("run_id"),
                                   str(ckpt.get("code_version", "")))

@@ -32,9 +32,7 @@ def fetch_local(uri: str | Path, dst: Path) -> Path:
         return path
     from cal_core import storage
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(storage.read_bytes(str(uri)))
-    return dst
+    return storage.download(str(uri), dst)  # streamed to disk: a large model is never held in memory
 
 
 def sha256_of(uri: str | Path) -> str:
@@ -53,10 +51,13 @@ def sha256_of(uri: str | Path) -> str:
 
 
 def output_dir(uri: str | Path, staging: Path) -> Path:
-    """Where to write outputs for ``uri``: the folder itself if local (created), else ``staging``."""
-    path = staging if is_remote(uri) else local_path(uri)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where to write outputs for ``uri``: the folder itself if local, else ``staging``.
+
+    Not created here: the writer creates it with its first output, so a run
+    refused for bad input leaves no empty folder behind (probe a local one
+    first with :func:`cal_core.storage.check_writable`).
+    """
+    return staging if is_remote(uri) else local_path(uri)
 
 
 def publish(local_dir: Path, uri: str | Path) -> None:

@@ -364,6 +364,30 @@ def test_cli_names_a_size_mismatch(val_shards: Path, tmp_path: Path, monkeypatch
     argv = ["evaluate", "--model", str(tmp_path / "big.pt"), "--shards", str(val_shards), "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 2
     assert "cal-pose evaluate: model input size 128x96 does not match the shard set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # a refused evaluation leaves no empty --out behind
+
+
+def test_a_remote_model_is_fetched_once_and_named_in_errors(val_shards: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model was downloaded twice (load, then sha256); an error named its staged temporary copy."""
+    from cal_core import storage
+
+    sources = {"s3://models/run/model.pt": tiny_checkpoint, "s3://models/run/keypoints.onnx": tmp_path / "empty"}
+    (tmp_path / "empty").write_bytes(b"")
+    fetched = []
+
+    def download(uri: str, dst: Path) -> Path:
+        fetched.append(uri)
+        shutil.copyfile(sources[uri], dst)
+        return Path(dst)
+
+    monkeypatch.setattr(storage, "download", download)
+    doc = evaluate.evaluate("s3://models/run/model.pt", str(val_shards), tmp_path / "eval", flip=False)
+    assert fetched == ["s3://models/run/model.pt"]
+    assert doc["model_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert doc["model"] == "s3://models/run/model.pt"
+    with pytest.raises(ValueError, match=r"^s3://models/run/keypoints.onnx is not an ONNX model \(no graph"):
+        evaluate.evaluate("s3://models/run/keypoints.onnx", str(val_shards), tmp_path / "eval2")
 
 
 def test_detections_for_other_images_are_refused(val_shards: Path) -> None:

@@ -16,7 +16,7 @@ def test_local_uris_are_used_in_place(tmp_path: Path) -> None:
     assert uris.fetch_local(str(src), tmp_path / "unused") == src
     assert uris.fetch_local(f"file://{src}", tmp_path / "unused") == src
     assert uris.output_dir(str(tmp_path / "out"), tmp_path / "staging") == tmp_path / "out"
-    assert (tmp_path / "out").is_dir() and not (tmp_path / "staging").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "staging").exists()  # the writer creates it
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         uris.fetch_local(str(tmp_path / "missing.onnx"), tmp_path / "x")
 
@@ -25,7 +25,7 @@ def test_s3_outputs_are_staged_then_published(s3_server, tmp_path: Path) -> None
     target = f"s3://{s3_server.bucket}/run/eval"
     out = uris.output_dir(target, tmp_path / "staging")
     assert out == tmp_path / "staging"
-    (out / "overlays").mkdir()
+    (out / "overlays").mkdir(parents=True)
     (out / "metrics.json").write_text('{"AP": 0.5}')
     (out / "overlays" / "000.png").write_bytes(b"\x89PNG")
     uris.publish(out, target)
