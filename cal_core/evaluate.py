@@ -487,13 +487,23 @@ def protocol_results(got: Collected, input_size: tuple[int, int]) -> list[dict[s
                         nms_areas(got.bboxes, input_size), OKS_NMS_THR)
 
 
-def val_digest(gt_bytes: bytes, collected: Collected) -> str:
-    """sha256 naming the validation set: the GT file plus every evaluated box (ids, box, score).
+#: Manifest entries that decide what the model is shown of each box (besides its input size).
+CUT_SETTINGS = ("margin", "crop_format", "padding", "jpeg_quality", "resampling")
+
+
+def val_digest(gt_bytes: bytes, collected: Collected, manifest: Mapping[str, Any]) -> str:
+    """sha256 naming the validation set: the GT file, every evaluated box (ids, box, score) and how it was cut.
 
     Two evaluations with equal digests scored the same people from the same
-    boxes, so their APs are comparable (used by ``cal-pose register``).
+    boxes, cut alike, so their APs are comparable (used by ``cal-pose
+    register``). The cut is the manifest's :data:`CUT_SETTINGS`: another
+    box padding or JPEG quality shows the model other pixels of the same
+    box. The input size is left out (runs at 64x48 and 128x96 share the
+    val set; ``register`` compares input sizes on its own).
     """
     h = hashlib.sha256(gt_bytes)
+    settings = {**manifest, **manifest.get("settings", {})}
+    h.update(json.dumps({key: settings.get(key) for key in CUT_SETTINGS}, sort_keys=True).encode())
     order = np.lexsort((collected.ann_ids, collected.image_ids))
     for i in order:
         box = ",".join(f"{v:.2f}" for v in collected.bboxes[i])
@@ -611,7 +621,7 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
     details = match_details(evaluator)
     doc = {
-        "metrics": metrics, "val_digest": val_digest(gt_bytes, got),
+        "metrics": metrics, "val_digest": val_digest(gt_bytes, got, dataset.manifest),
         "method": info.method, "backbone": info.backbone,
         "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
         "source": info.source, "model_sha256": model_sha256, "shards": str(shards_uri),

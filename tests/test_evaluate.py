@@ -390,6 +390,25 @@ def test_a_remote_model_is_fetched_once_and_named_in_errors(val_shards: Path, ti
         evaluate.evaluate("s3://models/run/keypoints.onnx", str(val_shards), tmp_path / "eval2")
 
 
+def test_the_val_digest_names_people_boxes_and_cut_but_not_the_input_size() -> None:
+    """A hand-edited margin or another box padding changed AP but not the digest register compares by."""
+    got = evaluate.Collected(np.array([3, 1]), np.array([30, 10]), np.zeros((2, 17, 2)), np.ones((2, 17)),
+                             np.ones(2), np.array([[1.0, 2, 30, 60], [5, 6, 40, 80]]), [])
+    manifest = {"input_size": [64, 48], "crop_size": [96, 72], "margin": 1.5, "crop_format": "jpeg",
+                "settings": {"padding": 1.25, "jpeg_quality": 95, "resampling": "r", "shard_size": 2000}}
+    base = evaluate.val_digest(b"gt", got, manifest)
+    reordered = evaluate.Collected(*(a[::-1] for a in list(got.__dict__.values())[:6]), [])
+    assert evaluate.val_digest(b"gt", reordered, manifest) == base  # the set, not the shard order
+    same = [{**manifest, "input_size": [128, 96], "crop_size": [192, 144]},  # register compares sizes itself
+            {**manifest, "settings": {**manifest["settings"], "shard_size": 10}}]
+    assert all(evaluate.val_digest(b"gt", got, m) == base for m in same)
+    moved = evaluate.Collected(**{**got.__dict__, "bboxes": got.bboxes + [[0, 0, 0, 1]]})
+    other = [{**manifest, "margin": 2.0}, {**manifest, "settings": {**manifest["settings"], "padding": 1.0}},
+             {**manifest, "settings": {**manifest["settings"], "jpeg_quality": 80}}]
+    assert len({base, evaluate.val_digest(b"gt2", got, manifest), evaluate.val_digest(b"gt", moved, manifest),
+                *(evaluate.val_digest(b"gt", got, m) for m in other)}) == 6
+
+
 def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
     gt = json.loads((val_shards / "annotations.json").read_text())
     manifest = json.loads((val_shards / "manifest.json").read_text())
