@@ -18,9 +18,11 @@ raise :class:`StorageError` naming the URI.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import io
+import logging
 import os
 import secrets
 import shutil
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Largest single PUT S3 allows; bigger objects go up as one multipart upload
 #: (still atomic: the object appears only when the upload completes).
@@ -42,6 +45,10 @@ _CLIENTS: dict[tuple[int, str, str], Any] = {}
 
 class StorageError(RuntimeError):
     """An object store operation failed for good (after retries, or misconfiguration)."""
+
+
+class FolderInUseError(OSError):
+    """Another process holds :func:`exclusive` on the output folder (a second run into the same --out)."""
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -204,6 +211,51 @@ def check_writable(folder: str | Path) -> None:
         for new in created:  # deepest first
             with contextlib.suppress(OSError):
                 new.rmdir()
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the local ``folder`` (created if needed) while the block runs.
+
+    Two runs writing one output folder at once (a command started twice)
+    interleave their checkpoints or shard journals and corrupt both; the
+    second now fails at once with :class:`FolderInUseError`. The lock is
+    ``flock(2)`` on the folder itself: no lock file to go stale, the kernel
+    drops it when the process dies. Folders made for it are removed again
+    if still empty at the end, so a refused run leaves nothing. S3 prefixes
+    are not locked (S3 has none; KFP never runs two attempts of a task at
+    once), nor folders on filesystems without ``flock`` (a warning).
+    """
+    if is_s3(folder):
+        yield
+        return
+    path = _local(folder).absolute()
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _lock(fd, folder, what)
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # explicitly: forked workers share the descriptor
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    finally:
+        for new in created:  # deepest first; a folder with outputs in it stays
+            with contextlib.suppress(OSError):
+                new.rmdir()
+
+
+def _lock(fd: int, folder: str | Path, what: str) -> None:
+    """``flock`` ``fd`` exclusively without waiting; :class:`FolderInUseError` if another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise FolderInUseError(f"{folder} is in use by another running {what}: two runs into one output "
+                               "folder would corrupt it (wait for it to end, or choose another --out)") from exc
+    except OSError as exc:  # e.g. NFS without lock support
+        log.warning("could not lock %s (%s): nothing stops a second run from writing there", folder, exc)
 
 
 def remove_temporaries(folder: str | Path, name: str) -> int:

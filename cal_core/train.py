@@ -680,27 +680,34 @@ def _train(config: TrainConfig) -> str:
     ctx = distributed.init(config.device)
     try:
         _check_out(config, ctx.is_main)
-        if ctx.is_main:  # checkpoint copies a killed save left (each the size of the checkpoint)
-            for name in (checkpoint.LAST, checkpoint.FINAL):
-                storage.remove_temporaries(config.out, name)
-        _seed_everything(config.seed, config.deterministic)
-        s, last = _start(config, ctx)
-        if not ctx.is_main:
-            _loop(s, None)
-            return _finish(s, None)
-        # stage tag "train-s1"/"train-s2" for every method: the pipeline's training node has one name.
-        # A resumed attempt (a retried pod) continues the run it started, whose params are logged already.
-        with tracking.stage_run(f"train-s{config.stage}",
-                                config.experiment, config.run_name or _default_run_name(config),
-                                local_dir=config.out, resume_run_id=s.mlflow_run_id) as tracker:
-            if not s.mlflow_run_id or tracker.run_id != s.mlflow_run_id:  # a new run (none, or not reattached)
-                tracker.log_params(_run_params(s))
-            s.mlflow_run_id = tracker.run_id or ""
-            tracker.set_tags({"cal_pose.method": config.method, "cal_pose.resumed_from": last or ""})
-            _loop(s, tracker)
-            return _finish(s, tracker)
+        # rank 0 alone writes to --out: it holds the lock that refuses a second training into it
+        with storage.exclusive(config.out, "training") if ctx.is_main else contextlib.nullcontext():
+            return _run(config, ctx)
     finally:
         distributed.shutdown(ctx)
+
+
+def _run(config: TrainConfig, ctx: distributed.DistContext) -> str:
+    """Build or restore the session, train it and write ``model.pt`` (its URI); rank 0 logs to MLflow."""
+    if ctx.is_main:  # checkpoint copies a killed save left (each the size of the checkpoint)
+        for name in (checkpoint.LAST, checkpoint.FINAL):
+            storage.remove_temporaries(config.out, name)
+    _seed_everything(config.seed, config.deterministic)
+    s, last = _start(config, ctx)
+    if not ctx.is_main:
+        _loop(s, None)
+        return _finish(s, None)
+    # stage tag "train-s1"/"train-s2" for every method: the pipeline's training node has one name.
+    # A resumed attempt (a retried pod) continues the run it started, whose params are logged already.
+    with tracking.stage_run(f"train-s{config.stage}",
+                            config.experiment, config.run_name or _default_run_name(config),
+                            local_dir=config.out, resume_run_id=s.mlflow_run_id) as tracker:
+        if not s.mlflow_run_id or tracker.run_id != s.mlflow_run_id:  # a new run (none, or not reattached)
+            tracker.log_params(_run_params(s))
+        s.mlflow_run_id = tracker.run_id or ""
+        tracker.set_tags({"cal_pose.method": config.method, "cal_pose.resumed_from": last or ""})
+        _loop(s, tracker)
+        return _finish(s, tracker)
 
 
 def _check_out(config: TrainConfig, probe: bool) -> None:

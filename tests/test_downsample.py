@@ -638,6 +638,15 @@ def test_rerun_writes_nothing(coco_mini: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_a_second_run_into_a_busy_out_is_refused(coco_mini: Path, tmp_path: Path) -> None:
+    """Two runs into one out interleaved their shards and journals."""
+    root = _small_root(coco_mini, tmp_path)
+    with storage.exclusive(tmp_path / "out", "downsampling"), \
+            pytest.raises(storage.FolderInUseError, match="out is in use by another running downsampling"):
+        downsample.downsample(str(root), "val", str(tmp_path / "out"), SIZES, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rerun_with_the_root_spelled_otherwise_writes_nothing(coco_mini: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = _small_root(coco_mini, tmp_path)

@@ -157,6 +157,22 @@ def test_local_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
+def test_exclusive_refuses_a_second_holder_and_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """Two runs into one --out interleaved their checkpoints or shard journals; nothing stopped the second."""
+    out = tmp_path / "runs" / "out"
+    with storage.exclusive(out, "training"):
+        assert out.is_dir()
+        with pytest.raises(storage.FolderInUseError, match=r"out is in use by another running training"), \
+                storage.exclusive(str(out), "training"):
+            pass
+    assert list(tmp_path.iterdir()) == []  # made for the lock and still empty: removed (a refused run leaves nothing)
+    with storage.exclusive(out, "training"):  # released: the next run may take it
+        (out / "last.pt").write_bytes(b"x")
+    assert (out / "last.pt").read_bytes() == b"x"  # outputs and their folders stay
+    with storage.exclusive("s3://bucket/prefix", "training"):  # S3 has no lock: nothing to take
+        pass
+
+
 def test_check_writable_probes_without_leaving_anything(tmp_path: Path) -> None:
     """A refused run must leave no folder behind; a file or a read-only folder as the output is named."""
     storage.check_writable(tmp_path / "a" / "b")

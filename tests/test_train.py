@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cal_core import checkpoint
+from cal_core import checkpoint, storage
 from cal_core.config import TrainConfig
 from cal_core.distributed import DistContext
 from cal_core.models import build_model
@@ -310,6 +310,10 @@ def test_an_out_that_holds_a_training_or_cannot_be_written_is_refused_before_tra
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(SetupError, match="--out: cannot write to .*a-file"):
         train(_config(tiny_shards, tmp_path / "a-file", method="udp", max_steps=1))
+    with storage.exclusive(tmp_path / "busy", "training"), \
+            pytest.raises(storage.FolderInUseError, match="busy is in use by another running training"):
+        train(_config(tiny_shards, tmp_path / "busy", method="udp", max_steps=1))  # the same command twice at once
+    assert not (tmp_path / "busy").exists()
 
 
 def test_ctrl_c_stops_at_the_next_step_and_a_second_one_at_once(tiny_shards, tmp_path: Path,

@@ -520,6 +520,15 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
     _warn_settings(sizes, detections, det_score_thr)
     storage.check_writable(out)  # an unwritable out fails now, not at the first shard after decoding
+    with storage.exclusive(out, "downsampling"):  # a second run into the same out is refused, not interleaved
+        return _cut(coco_uri, split, out, sizes, detections, det_score_thr, shard_size, workers, margin, strict,
+                    progress, layout)
+
+
+def _cut(coco_uri: str, split: str, out: str, sizes: tuple[tuple[int, int], ...], detections: str | None,
+         det_score_thr: float, shard_size: int, workers: int | None, margin: float, strict: bool, progress: bool,
+         layout: Layout) -> dict[str, dict[str, Any]]:
+    """:func:`downsample` once its settings are checked and ``out`` is locked."""
     gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
     _warn_box_areas(plan, source["annotations"]["uri"])
     if strict and plan.skipped:
