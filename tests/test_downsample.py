@@ -471,7 +471,9 @@ def test_a_split_that_keeps_nobody_is_an_error_naming_the_reasons(coco_mini: Pat
     for img in gt["images"]:
         img["id"] = str(img["id"])
     _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
-    with pytest.raises(downsample.DownsampleError, match=r"no person instance kept: skipped \{'bad_image_record'"):
+    with pytest.raises(downsample.DownsampleError, match=r"no person instance kept: skipped \{'bad_image_record'.*"
+                                                         rf"\(first: images\[0\]: bad_image_record \(id '{gt['images'][0]['id']}' is not a "
+                                                         r"64-bit integer\)"):
         downsample.downsample(str(root), "val", str(tmp_path / "ids"), ["64x48"], workers=1, progress=False)
     root, anns, gt = _odd_root(coco_mini, tmp_path / "missing")
     for image in (root / "val2017").iterdir():
@@ -605,6 +607,10 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
                        (777, 10**12 + 1, "unknown_image")}
     where = {(s["ann_id"], s["reason"]): s["record"] for s in _manifest(out / "64x48")["skipped"]}
     assert where[-1, "bad_record"] == f"annotations[{gt['annotations'].index(big_id)}]"  # its id is unreadable
+    detail = {(s["ann_id"], s["reason"], s["image_id"]): s.get("detail") for s in _manifest(out / "64x48")["skipped"]}
+    assert detail[-1, "bad_record", anns[1]["image_id"]].endswith("is not a 64-bit integer")  # 2**64
+    assert detail[-1, "bad_image_record", 777] == f"file_name {str(outside)!r} leaves the image folder"
+    assert detail[-1, "bad_image_record", second_image["id"]] == f"size 0x{second_image['height']} is not positive"
     assert where[10**12, "bad_box"] == f"annotations[{gt['annotations'].index(huge)}]"
     assert where[-1, "duplicate_id"] == f"images[{gt['images'].index(dict(first_image, file_name='other.jpg'))}]"
     assert report["64x48"]["counts"]["instances"] == len(anns)
@@ -887,7 +893,8 @@ def test_cli_reports_bad_data_in_one_line_with_exit_code_2(coco_mini: Path, tmp_
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "downsample: " in err
-    assert "no person instance kept" in err and "(first: images[0]: bad_image_record; annotations[" in err
+    assert "no person instance kept" in err and "(first: images[0]: bad_image_record (id 'x' is not a 64-bit integer); " \
+        "annotations[" in err
     path.write_text("{not json")
     assert main([*argv, "--strict"]) == 2
     assert "person_keypoints_val2017.json" in capsys.readouterr().err

@@ -101,11 +101,13 @@ class Skip:
     file: str
     reason: str
     record: str = ""
+    detail: str = ""  # what is wrong with a malformed record, e.g. "image_id '397133' is not a 64-bit integer"
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest entry of this skip (``record`` only when known)."""
+        """The manifest entry of this skip (``record`` and ``detail`` only when known)."""
         entry = {"image_id": self.image_id, "ann_id": self.ann_id, "file": self.file, "reason": self.reason}
-        return {**entry, "record": self.record} if self.record else entry
+        extra = {"record": self.record, "detail": self.detail}
+        return {**entry, **{key: value for key, value in extra.items() if value}}
 
 
 @dataclass
@@ -274,17 +276,32 @@ def _or_minus_one(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def _image_record(img: Any) -> tuple[int, str, int, int] | None:
-    """``(id, file_name, width, height)`` of a well-formed image record, else None."""
-    if not isinstance(img, dict):
-        return None
-    image_id, width, height = _int_id(img.get("id")), _int_id(img.get("width")), _int_id(img.get("height"))
+def _id_problem(record: Any, keys: tuple[str, ...]) -> str:
+    """Why a record's ``keys`` are not all integer ids (e.g. ``"image_id '397133' is not a 64-bit integer"``), else ""."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key in keys:
+        if key not in record:
+            return f"no {key}"
+        if _int_id(record[key]) is None:
+            return f"{key} {record[key]!r} is not a 64-bit integer"[:200]
+    return ""
+
+
+def _image_record(img: Any) -> tuple[int, str, int, int] | str:
+    """``(id, file_name, width, height)`` of a well-formed image record, else what is wrong with it."""
+    problem = _id_problem(img, ("id", "width", "height"))
+    if problem:
+        return problem
+    image_id, width, height = _int_id(img["id"]), _int_id(img["width"]), _int_id(img["height"])
     name = img.get("file_name")
-    if image_id is None or not isinstance(name, str) or not name or not width or not height:
-        return None
-    if width <= 0 or height <= 0 or ".." in name.split("/") or name.startswith("/") or "://" in name:
-        return None  # a name must stay inside the image folder
-    return image_id, name, width, height
+    if not isinstance(name, str) or not name:
+        return f"file_name {name!r} is not a file name"
+    if width <= 0 or height <= 0:
+        return f"size {width}x{height} is not positive"
+    if ".." in name.split("/") or name.startswith("/") or "://" in name:
+        return f"file_name {name!r} leaves the image folder"
+    return image_id, name, width, height  # type: ignore[return-value]
 
 
 def parse_box(box: Any) -> tuple[float, float, float, float] | None:
@@ -395,10 +412,11 @@ def _images(coco: dict[str, Any], plan: SplitPlan) -> dict[int, tuple[int, str, 
     images: dict[int, tuple[int, str, int, int]] = {}
     for index, img in enumerate(coco["images"]):
         record = _image_record(img)
-        if record is None:
+        if isinstance(record, str):
             image_id = _int_id(img.get("id")) if isinstance(img, dict) else None
             name = img.get("file_name", "") if isinstance(img, dict) else ""
-            plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD, f"images[{index}]"))
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, str(name), BAD_IMAGE_RECORD, f"images[{index}]",
+                                     record))
         elif record[0] in images:  # the first record of an id wins, the same as gt_subset's
             if record != images[record[0]]:
                 plan.skipped.append(Skip(record[0], -1, record[1], DUPLICATE_ID, f"images[{index}]"))
@@ -416,13 +434,14 @@ def _gt_candidates(coco: dict[str, Any], split: str, images: dict, plan: SplitPl
     for index, ann in sorted(enumerate(coco["annotations"]), key=lambda pair: _ann_sort_key(pair[1])):
         where = f"annotations[{index}]"
         if not isinstance(ann, dict):
-            plan.skipped.append(Skip(-1, -1, "", BAD_RECORD, where))
+            plan.skipped.append(Skip(-1, -1, "", BAD_RECORD, where, _id_problem(ann, ())))
             continue
         if _int_id(ann.get("category_id")) != person:
             continue
         ann_id, image_id = _int_id(ann.get("id")), _int_id(ann.get("image_id"))
         if ann_id is None or image_id is None:
-            plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD, where))
+            plan.skipped.append(Skip(_or_minus_one(image_id), _or_minus_one(ann_id), "", BAD_RECORD, where,
+                                     _id_problem(ann, ("id", "image_id"))))
             continue
         if ann_id in seen:  # the first (in file order: the sort is stable) wins, as in gt_subset
             plan.skipped.append(Skip(image_id, ann_id, "", DUPLICATE_ID, where))
@@ -464,7 +483,8 @@ def _det_candidates(detections: list[dict[str, Any]], thr: float, images: dict, 
             plan.excluded["other_category"] += 1  # e.g. a COCO detector's person id 1 on a file where person is 3
             continue
         if image_id is None or not math.isfinite(_score(det)):
-            plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD, f"[{i}]"))
+            problem = _id_problem(det, ("image_id",)) or f"score {det.get('score')!r} is not a finite number"
+            plan.skipped.append(Skip(_or_minus_one(image_id), -1, "", BAD_RECORD, f"[{i}]", problem))
             continue
         if image_id not in images:
             plan.skipped.append(Skip(image_id, -1, "", UNKNOWN_IMAGE, f"[{i}]"))
@@ -536,7 +556,7 @@ def gt_subset(coco: dict[str, Any], image_ids: set[int], drop_ann_ids: set[int])
     person_id, order = _int_id(person["id"]), keypoint_order(coco)
     if order is not None:  # the records are rewritten in COCO order: so is the category
         person = {**person, "keypoints": COCO_PERSON_CATEGORY["keypoints"], "skeleton": COCO_PERSON_CATEGORY["skeleton"]}
-    images = _first_per_id((image_id, img) for img in coco["images"] if _image_record(img) is not None
+    images = _first_per_id((image_id, img) for img in coco["images"] if not isinstance(_image_record(img), str)
                            and (image_id := _int_id(img.get("id"))) in image_ids)  # the record plan_split used
     anns = _first_per_id(
         (ann_id, record)

@@ -291,6 +291,7 @@ def _strict_error(skip: coco.Skip, where: str, detail: str = "") -> DownsampleEr
     """The ``strict`` error for a skip: the file (``where``), the record and the reason."""
     what = f"image {skip.image_id} ({skip.file or 'no file'}), annotation {skip.ann_id}"
     what = f"{skip.record}: {what}" if skip.record else what
+    detail = detail or skip.detail
     return DownsampleError(f"{where}: {what}: {skip.reason}{': ' + detail if detail else ''} "
                            "(--strict turns skipped records into errors)")
 
@@ -430,7 +431,7 @@ def _nothing_kept(where: str, skipped: list[dict[str, Any]], excluded: Counter) 
     """
     reasons = dict(sorted(Counter(s["reason"] for s in skipped).items()))
     first = "; ".join(f"{s.get('record') or s.get('file') or 'image ' + str(s['image_id'])}: {s['reason']}"
-                      for s in skipped[:3])
+                      + (f" ({s['detail']})" if s.get("detail") else "") for s in skipped[:3])
     return DownsampleError(f"{where}: no person instance kept: skipped {reasons}, excluded "
                            f"{dict(sorted(excluded.items()))}{f' (first: {first})' if first else ''}")
 
