@@ -2,11 +2,21 @@
 
 The stage-1 CAL model runs in eval mode over (a sample of) the training shards
 without augmentation. For every labelled joint inside the heatmap it records
-the displacement ``d = argmax_p(G_hat) - y`` in heatmap pixels (Eq. 11), fits
-Gaussian mixtures with 1..K components by EM (Eq. 12) and keeps the number of
-components with the lowest BIC (or the one given by ``--components``). The
-paper uses 1 component at low resolution and 2 at high resolution (§5.5.2);
-here the data decide and ``gmm.json`` says why.
+the displacement ``d = argmax_p(G_hat) - y`` in heatmap pixels (Eq. 11) and
+fits a Gaussian mixture by EM (Eq. 12). The number of components is the
+paper's by default (``--components auto``: 1 for inputs below 256x192, 2 from
+256x192 up, §5.2 and §5.5.2), the lowest BIC over 1..``--max-components``
+(``bic``) or a given number; BIC is reported for every K either way and
+``gmm.json`` says why this K.
+
+Why not BIC by default: BIC asks which mixture describes the displacements
+best, the paper's Table 4 asks which mask trains best, and they disagree.
+With tens of thousands of displacements BIC keeps every real structure,
+e.g. left/right confusions of a model still learning sides (K = 3 with
+components at dx = +-3.2 in every recorded run here, docs/results.md); the
+min-max normalised mask then puts weight at those confusions and nearly
+switches off offset supervision 1-2 px from the joint, the "skewed MGM" the
+paper measures as -0.7 AP (K = 2) and -1.5 AP (K = 3) at 128x96.
 
 Outputs in ``--out``: ``gmm.json`` (weights, means, covariances in heatmap px,
 chosen K and the reason, BIC per K, displacement statistics), and the plots
@@ -41,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint", required=True, help="stage-1 model.pt (local or s3://)")
     add("--shards", required=True, help="training shards the displacements are collected on")
     add("--out", required=True, help="output folder (local or s3://): gmm.json, displacements.png, mask.png")
-    add("--components", default="auto", help="'auto' (lowest BIC over 1..--max-components) or a number")
-    add("--max-components", type=int, default=3)
+    add("--components", default="auto", help="'auto' (the paper's: 1 below 256x192 input, 2 from it up), "
+        "'bic' (lowest BIC over 1..--max-components) or a number")
+    add("--max-components", type=int, default=3, help="BIC is computed (and, with 'bic', chosen) over 1..N")
     add("--max-samples", type=int, default=0, help="use at most N person instances (0 = all)")
     add("--batch-size", type=int, default=64)
     add("--workers", type=int, default=0)
@@ -52,13 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--run-name", default=None)
 
 
-def parse_components(text: str | int) -> int | None:
-    """``"auto"`` -> None (pick by BIC); a positive number -> that number."""
-    if str(text).strip().lower() == "auto":
-        return None
-    if not str(text).strip().isdigit() or int(text) < 1:
-        raise ValueError(f"--components must be 'auto' or a positive integer, got {text!r}")
-    return int(text)
+#: Inputs at least this tall get the paper's high-resolution K (2); lower ones its low-resolution K (1).
+HIGH_RESOLUTION_HEIGHT = 256
+
+
+def parse_components(text: str | int) -> int | str:
+    """``"auto"`` or ``"bic"`` (how K is chosen), or a positive number of components."""
+    word = str(text).strip().lower()
+    if word in ("auto", "bic"):
+        return word
+    if not word.isdigit() or int(word) < 1:
+        raise ValueError(f"--components must be 'auto', 'bic' or a positive integer, got {text!r}")
+    return int(word)
+
+
+def paper_components(input_size: tuple[int, int]) -> int:
+    """The paper's K (§5.2): 1 for low-resolution inputs (64x48, 128x96), 2 for high (256x192, 384x288).
+
+    Table 4 at 128x96: 74.3 / 73.6 / 72.8 AP with K = 1 / 2 / 3; at
+    256x192 K = 2 scores best. Sizes between are low below a height of
+    :data:`HIGH_RESOLUTION_HEIGHT`.
+    """
+    return 1 if input_size[0] < HIGH_RESOLUTION_HEIGHT else 2
 
 
 def displacement_stats(d: np.ndarray) -> dict[str, Any]:
@@ -85,25 +111,30 @@ def displacement_stats(d: np.ndarray) -> dict[str, Any]:
     }
 
 
-def fit_mixture(d: np.ndarray, components: int | None, max_components: int, seed: int = 0) -> dict[str, Any]:
-    """Fit the GMM of Eq. 12 and choose K: by lowest BIC, or the requested K (BIC still reported).
+def fit_mixture(d: np.ndarray, components: int | str, max_components: int, input_size: tuple[int, int],
+                seed: int = 0) -> dict[str, Any]:
+    """Fit the GMM of Eq. 12 with K chosen as ``components`` says (:func:`parse_components`); BIC always reported.
 
     Returns the gmm.json body without the statistics: the mixture (``weights``,
-    ``means``, ``covariances``), ``n_components``, ``selection`` ("bic" or
-    "fixed"), ``bic`` per K and a sentence saying why this K.
+    ``means``, ``covariances``), ``n_components``, ``selection`` ("paper",
+    "bic" or "fixed"), ``bic`` per K and a sentence saying why this K.
     """
     if len(d) == 0:
         raise ValueError("no displacements: the shards have no labelled joint inside the heatmap")
-    upto = max(max_components, components or 1)
+    wanted = paper_components(input_size) if components == "auto" else components
+    upto = max(max_components, wanted if isinstance(wanted, int) else 1)
     best_k, bics, best = mgm.select_components(d, upto, seed)
-    if components is None:
-        params, k = best, best_k
+    if wanted == "bic":
+        params, k, selection = best, best_k, "bic"
         reason = f"lowest BIC over 1..{len(bics)} components ({bics[k - 1]:.1f})"
     else:
-        k = min(components, len(d))
+        k = min(int(wanted), len(d))
         params = mgm.fit_gmm_sklearn(d, k, seed)
-        reason = f"fixed by --components {components}; the BIC minimum is at {best_k}"
-    return {**params.to_dict(), "n_components": k, "selection": "bic" if components is None else "fixed",
+        selection = "paper" if components == "auto" else "fixed"
+        why = (f"the paper's K for a {input_size[0]}x{input_size[1]} input (§5.5.2)" if selection == "paper"
+               else f"fixed by --components {components}")
+        reason = f"{why}; the BIC minimum is at {best_k}"
+    return {**params.to_dict(), "n_components": k, "selection": selection,
             "reason": reason, "bic": {str(i + 1): b for i, b in enumerate(bics)}}
 
 
@@ -180,13 +211,14 @@ def _loader(shards: str, codec: Any, batch_size: int, workers: int, max_samples:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = None, max_components: int = 3,
+def fit_gmm(checkpoint: str, shards: str, out: str, components: int | str = "auto", max_components: int = 3,
             max_samples: int = 0, batch_size: int = 64, workers: int = 0, device: str = "auto",
             seed: int = 0, experiment: str | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Collect displacements of the stage-1 model, fit and choose the GMM, write and log the outputs."""
     from cal_core.distributed import pick_device
     from cal_core.models import load_checkpoint, model_from_checkpoint
 
+    components = parse_components(components)
     if max_components < 1 or max_samples < 0 or batch_size < 1 or workers < 0:
         raise ValueError(f"need --max-components >= 1, --max-samples >= 0 (0: all), --batch-size >= 1 and "
                          f"--workers >= 0, got {max_components}, {max_samples}, {batch_size}, {workers}")
@@ -197,12 +229,12 @@ def fit_gmm(checkpoint: str, shards: str, out: str, components: int | None = Non
     if not codec.has_offsets:  # heatmap/dark configs carry a radius too (unused): ask the codec
         raise ValueError(f"{checkpoint}: method {config.get('method')!r} predicts no offsets; "
                          "fit-gmm needs a CAL (or UDP) stage-1 model")
-    params = {"checkpoint": checkpoint, "shards": shards, "components": components or "auto",
+    params = {"checkpoint": checkpoint, "shards": shards, "components": components,
               "max_components": max_components, "max_samples": max_samples, "seed": seed}
     with tracking.stage_run("fit-gmm", experiment, run_name or "fit-gmm", params=params, local_dir=out) as tracker:
         loader = _loader(shards, codec, batch_size, workers, max_samples, seed)
         d = collect_displacements(model_from_checkpoint(ckpt), loader, codec, pick_device(device, 0), max_samples)
-        report = {**fit_mixture(d, components, max_components, seed), "stats": displacement_stats(d),
+        report = {**fit_mixture(d, components, max_components, codec.input_size, seed), "stats": displacement_stats(d),
                   "radius": codec.radius, "heatmap_size": list(codec.heatmap_size),
                   "input_size": list(codec.input_size), "checkpoint": checkpoint, "shards": shards}
         _write_outputs(report, d, out, tracker)
@@ -228,7 +260,7 @@ def _write_outputs(report: dict[str, Any], d: np.ndarray, out: str, tracker: tra
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``cal-pose fit-gmm``."""
-    report = fit_gmm(args.checkpoint, args.shards, args.out, parse_components(args.components),
+    report = fit_gmm(args.checkpoint, args.shards, args.out, args.components,
                      args.max_components, args.max_samples, args.batch_size, args.workers, args.device,
                      args.seed, args.experiment, args.run_name)
     print(json.dumps({k: report[k] for k in ("n_components", "reason", "bic")}, indent=2))
