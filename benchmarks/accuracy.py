@@ -7,7 +7,8 @@ same epoch budget for every method:
 - ``dark``: the very same trained model, decoded with DARK (decode-only method);
 - ``udp``: binary disk + offsets (Eq. 8);
 - ``cal``: stage 1 (Eq. 14) for ``epochs - stage2_epochs`` epochs, then
-  ``cal-pose fit-gmm`` (BIC picks K), then stage 2 with MGMs (Eq. 15) for
+  ``cal-pose fit-gmm`` (BIC picks K; ``--gmm-components paper`` or a number
+  instead), then stage 2 with MGMs (Eq. 15) for
   ``stage2_epochs``: the same total number of epochs as the others.
 
 Each is trained at 64x48 and 128x96 with several training seeds and scored
@@ -71,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one core trains, one loads)")
     parser.add_argument("--methods", default="heatmap,udp,cal", help="trained methods (dark reuses heatmap)")
+    parser.add_argument("--gmm-components", default="auto", help="CAL's fit-gmm --components: auto (BIC), paper or N")
     parser.add_argument("--cache", default="runs/bench-accuracy", help="folder for shards and run outputs")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -149,8 +151,8 @@ def train_case(method: str, budget: Budget, seed: int, train_uri: str, run_dir: 
         return model, time.perf_counter() - started, {}
     stage1 = budget.epochs - budget.stage2_epochs
     s1 = train(TrainConfig(out=str(run_dir / "stage1"), epochs=stage1, lr_steps=_lr_steps(stage1), **common))
-    report = fit_gmm(s1, train_uri, str(run_dir / "gmm"), max_samples=2000, seed=seed,
-                     experiment="bench-accuracy")
+    report = fit_gmm(s1, train_uri, str(run_dir / "gmm"), components=args.gmm_components, max_samples=2000,
+                     seed=seed, experiment="bench-accuracy")
     s2 = train(TrainConfig(out=str(run_dir / "stage2"), stage=2, init=s1, gmm=str(run_dir / "gmm" / "gmm.json"),
                            epochs=budget.stage2_epochs, **common))
     notes = {"stage1_epochs": stage1, "stage2_epochs": budget.stage2_epochs,

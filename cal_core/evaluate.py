@@ -526,30 +526,25 @@ def evaluate_model(model: nn.Module, codec: Any, shards_uri: str, flip: bool = T
     return coco_keypoint_ap(gt, protocol_results(got, codec.input_size))
 
 
-def check_detections(detections: list[dict[str, Any]], gt: Mapping[str, Any], manifest: Mapping[str, Any],
-                     collected: Collected, uri: str) -> None:
-    """Refuse a detections file for other images, or shards that were not cut from detections."""
-    known = {int(img["id"]) for img in gt["images"]}
-    known |= {int(s["image_id"]) for s in manifest.get("skipped", []) if "image_id" in s}
-    det_ids = {int(d["image_id"]) for d in detections}
-    foreign = sorted(det_ids - known)
-    if foreign:
-        raise ValueError(f"detections {uri}: {len(foreign)} of {len(det_ids)} images are not in the val set "
-                         f"({len(gt['images'])} images), e.g. {foreign[:5]}")
-    if (collected.ann_ids >= 0).any():
-        raise ValueError(f"--detections {uri} given, but the shard set holds ground-truth boxes "
-                         f"(ann_id >= 0): cut it with `cal-pose downsample --detections`")
-    unknown = sorted(set(collected.image_ids.tolist()) - det_ids)
-    if unknown:
-        raise ValueError(f"the shard set has boxes for {len(unknown)} images absent from detections {uri}, "
-                         f"e.g. {unknown[:5]}: it was cut from another detections file")
+def check_detections(data: bytes, manifest: Mapping[str, Any], uri: str) -> None:
+    """Refuse ``--detections`` unless it is the very file the shard set was cut from (its manifest sha256).
 
-
-def _read_detections(uri: str) -> list[dict[str, Any]]:
-    """A COCO detection results file, read and checked as ``downsample --detections`` does (errors name it)."""
-    from cal_core.data import coco
-
-    return coco.check_detections(coco.read_json(uri)[0], uri)
+    The shards already hold the detector's boxes and scores; the flag
+    proves which file they came from. Comparing digests needs no parsing:
+    the file ``downsample`` read is accepted whatever it held that
+    ``downsample`` skipped (malformed records, other categories, images
+    outside the val set), and any other file (edited, or for another val
+    set) is refused, before inference. Checking contents instead refused
+    such valid files and crashed on records downsample had skipped.
+    """
+    source = manifest.get("source", {}).get("detections")
+    if not source:
+        raise ValueError(f"--detections {uri} given, but the shard set was cut from ground-truth boxes: "
+                         "cut it with `cal-pose downsample --detections`")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != source.get("sha256"):
+        raise ValueError(f"detections {uri} (sha256 {digest[:12]}...) is not the file the shard set was cut "
+                         f"from ({source.get('uri')}, sha256 {str(source.get('sha256'))[:12]}...)")
 
 
 def _write(path: Path, data: str | bytes) -> None:
@@ -598,6 +593,7 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
     """Score ``model_uri`` on a shard set, write the outputs to ``out``; returns the metrics document."""
     import tempfile
 
+    from cal_core import storage
     from cal_core.data.dataset import ShardDataset
     from cal_core.uris import fetch_local, sha256_of
 
@@ -609,13 +605,12 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         except ValueError as exc:  # name the model as the user gave it, not its staged copy
             raise ValueError(str(exc).replace(str(local), str(model_uri))) from exc
     check_shard_set(info, shards_uri)
-    detections = _read_detections(detections_uri) if detections_uri else None  # a bad file fails before inference
     dataset = ShardDataset(shards_uri, codec, train=False)
+    if detections_uri:  # before inference
+        check_detections(storage.read_bytes(detections_uri), dataset.manifest, detections_uri)
     gt_bytes = read_gt(shards_uri, dataset.manifest)
     gt = json.loads(gt_bytes)
     got = collect(predictor, scored_subset(dataset, gt, shards_uri), codec, batch_size, workers, overlays=OVERLAYS)
-    if detections is not None:
-        check_detections(detections, gt, dataset.manifest, got, detections_uri)
     results = protocol_results(got, codec.input_size)
     evaluator = run_cocoeval(gt, results)
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
@@ -624,7 +619,7 @@ def evaluate(model_uri: str, shards_uri: str, out: Path, flip: bool = True, dete
         "metrics": metrics, "val_digest": val_digest(gt_bytes, got, dataset.manifest),
         "method": info.method, "backbone": info.backbone,
         "input_size": f"{info.input_size[0]}x{info.input_size[1]}", "model": str(model_uri),
-        "source": info.source, "model_sha256": model_sha256, "shards": str(shards_uri),
+        "source": info.source, "model_sha256": model_sha256, "shards": str(shards_uri), "detections": detections_uri,
         "split": dataset.manifest.get("split"), "flip": flip, "oks_nms": OKS_NMS_THR,
         "counts": {"instances": len(got.image_ids), "unscored_instances": len(dataset) - len(got.image_ids),
                    "images": len(set(got.image_ids.tolist())),

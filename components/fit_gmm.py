@@ -16,7 +16,7 @@ from components.images import image
 def fit_gmm(checkpoint: Input[Model], shards: Input[Dataset], input_size: str, method: str,
             components: str, max_components: int, experiment: str, parent_run_id: str,
             gmm: Output[Artifact]) -> None:
-    """Fit the displacement GMM (``components``: ``auto`` = the paper's K, ``bic`` or a number); writes ``<gmm>/gmm.json``."""
+    """Fit the displacement GMM (``components``: ``auto`` = by BIC, ``paper`` or a number); writes ``<gmm>/gmm.json``."""
     import json
     from pathlib import Path
 

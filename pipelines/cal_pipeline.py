@@ -215,8 +215,8 @@ def cal_pipeline(
         lr_steps: comma-separated epochs of stage 1 at which the learning rate drops x0.1 ("" = never;
             "auto" = the paper's 170,200 of 210 scaled to epochs_stage1).
         lr_stage2: Adam learning rate of CAL stage 2 (constant).
-        gmm_components: GMM components for the masks: "auto" (the paper's: 1 below 256x192 input, 2 from it up), "bic" (lowest BIC) or a number.
-        max_gmm_components: BIC is computed over 1..this many components ("bic" picks among them).
+        gmm_components: GMM components for the masks: "auto" (lowest BIC), "paper" (1 below 256x192 input, 2 from it up) or a number.
+        max_gmm_components: BIC is computed over 1..this many components ("auto" picks among them).
         mgm_update: stage-2 masks: "static" (the fitted GMM) or "batch" (refit per mini-batch, as in the paper).
         flip_test: average the prediction with the mirrored image's at export/evaluation.
         amp: mixed-precision training on the GPU.

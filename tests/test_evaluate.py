@@ -409,42 +409,37 @@ def test_the_val_digest_names_people_boxes_and_cut_but_not_the_input_size() -> N
                 *(evaluate.val_digest(b"gt", got, m) for m in other)}) == 6
 
 
-def test_detections_for_other_images_are_refused(val_shards: Path) -> None:
-    gt = json.loads((val_shards / "annotations.json").read_text())
-    manifest = json.loads((val_shards / "manifest.json").read_text())
-    image_id = gt["images"][0]["id"]
-    collected = evaluate.Collected(np.array([image_id]), np.array([-1]), np.zeros((1, 17, 2)), np.ones((1, 17)),
-                                   np.ones(1), np.ones((1, 4)), [])
-    det = {"image_id": image_id, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}
-    evaluate.check_detections([det], gt, manifest, collected, "dets.json")
-    with pytest.raises(ValueError, match="not in the val set .*424242"):
-        evaluate.check_detections([det, {**det, "image_id": 424242}], gt, manifest, collected, "dets.json")
-    gt_boxes = evaluate.Collected(**{**collected.__dict__, "ann_ids": np.array([7])})
-    with pytest.raises(ValueError, match="ground-truth boxes"):
-        evaluate.check_detections([det], gt, manifest, gt_boxes, "dets.json")
+def test_detections_must_be_the_file_the_shards_were_cut_from(coco_mini: Path, val_shards: Path,
+                                                              tiny_checkpoint: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate re-read the file itself: it crashed on a record downsample had skipped (image_id null) and
+    refused an 80-class detector's file (other categories on images outside the val set)."""
+    from cal_core.data import downsample
 
-
-def test_a_malformed_detections_file_fails_before_inference(val_shards: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    from cal_core.data.coco import AnnotationFileError
-    from cal_core.models import build_model
+    gt = json.loads((coco_mini / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"] if not a["iscrowd"]]
+    dets += [{"image_id": None, "category_id": 1, "bbox": [1, 1, 9, 9], "score": 0.5},  # skipped: bad_record
+             {"image_id": 999999, "category_id": 18, "bbox": [1, 1, 9, 9], "score": 0.9}]  # a dog elsewhere
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    downsample.downsample(str(coco_mini), "val", str(tmp_path / "det"), ["64x48"], str(tmp_path / "dets.json"),
+                          workers=1, progress=False)
+    doc = evaluate.evaluate(str(tiny_checkpoint), str(tmp_path / "det" / "64x48"), tmp_path / "eval", flip=False,
+                            detections_uri=str(tmp_path / "dets.json"))
+    assert doc["detections"] == str(tmp_path / "dets.json") and doc["counts"]["instances"] == len(dets) - 2
 
     def no_inference(*args, **kwargs):
         raise AssertionError("inference ran before the detections file was checked")
 
     monkeypatch.setattr(evaluate, "collect", no_inference)
-    model = build_model("tiny", "heatmap", input_size=(64, 48))
-    torch.save({"model": model.state_dict(), "config": {"method": "heatmap", "backbone": "tiny",
-                                                        "input_size": [64, 48]}}, tmp_path / "m.pt")
-    for content, why in (('{"image_id": 1}', "not a COCO detection results file"),
-                         ('[{"bbox": [0, 0, 1, 1], "score": 1}]', "entry 0 is not a detection"),
-                         ("[{", "dets.json")):
-        (tmp_path / "dets.json").write_text(content)
-        with pytest.raises(AnnotationFileError, match=why):
-            evaluate.evaluate(str(tmp_path / "m.pt"), str(val_shards), tmp_path / "out",
-                              detections_uri=str(tmp_path / "dets.json"))
+    (tmp_path / "edited.json").write_text(json.dumps(dets[:-1]))  # another file, even if close: refused
+    with pytest.raises(ValueError, match=r"detections .*edited.json \(sha256 \w{12}\.\.\.\) is not the file the "
+                                         r"shard set was cut from \(.*dets.json"):
+        evaluate.evaluate(str(tiny_checkpoint), str(tmp_path / "det" / "64x48"), tmp_path / "eval",
+                          detections_uri=str(tmp_path / "edited.json"))
+    with pytest.raises(ValueError, match="cut from ground-truth boxes"):
+        evaluate.evaluate(str(tiny_checkpoint), str(val_shards), tmp_path / "eval",
+                          detections_uri=str(tmp_path / "dets.json"))
 
 
 @pytest.mark.slow  # two dynamo exports: ~30 s on a busy 2-core machine

@@ -29,7 +29,7 @@ def _two_components(rng: np.random.Generator, n: int = 2500) -> np.ndarray:
 
 def test_one_component_is_recovered_and_chosen_by_bic() -> None:
     d = _one_component(np.random.default_rng(0))
-    fit = fit_mixture(d, "bic", max_components=3, input_size=(64, 48))
+    fit = fit_mixture(d, "auto", max_components=3, input_size=(64, 48))
     assert fit["n_components"] == 1 and fit["selection"] == "bic"
     assert min(fit["bic"], key=lambda k: fit["bic"][k]) == "1"
     np.testing.assert_allclose(fit["means"][0], [0.3, -0.2], atol=0.05)
@@ -38,7 +38,7 @@ def test_one_component_is_recovered_and_chosen_by_bic() -> None:
 
 def test_two_components_are_recovered_and_chosen_by_bic() -> None:
     d = _two_components(np.random.default_rng(1))
-    fit = fit_mixture(d, "bic", max_components=3, input_size=(64, 48))
+    fit = fit_mixture(d, "auto", max_components=3, input_size=(64, 48))
     assert fit["n_components"] == 2
     order = np.argsort(np.asarray(fit["means"])[:, 0])
     means = np.asarray(fit["means"])[order]
@@ -59,19 +59,28 @@ def test_fixed_components_override_bic_and_say_so() -> None:
 
 @pytest.mark.parametrize(("input_size", "k"), [((64, 48), 1), ((128, 96), 1), ((192, 144), 1), ((256, 192), 2),
                                                ((384, 288), 2)])
-def test_auto_takes_the_papers_k_for_the_input_size_whatever_bic_says(input_size, k: int) -> None:
-    """§5.2: K = 1 at 64x48 and 128x96, 2 at 256x192 and 384x288 (Table 4: K = 2, 3 skew the mask at 128x96)."""
+def test_paper_takes_the_papers_k_for_the_input_size_whatever_bic_says(input_size, k: int) -> None:
+    """§5.2: K = 1 at 64x48 and 128x96, 2 at 256x192 and 384x288."""
     assert paper_components(input_size) == k
     d = _two_components(np.random.default_rng(3))  # BIC's choice is 2 here, the paper's may differ
-    fit = fit_mixture(d, "auto", max_components=3, input_size=input_size)
+    fit = fit_mixture(d, "paper", max_components=3, input_size=input_size)
     assert fit["n_components"] == k and fit["selection"] == "paper"
     assert f"the paper's K for a {input_size[0]}x{input_size[1]} input" in fit["reason"]
     assert "BIC minimum is at 2" in fit["reason"] and len(fit["bic"]) == 3
 
 
+def test_bic_stays_within_max_components_and_k_within_the_samples() -> None:
+    """--components 500 on 533 displacements once fitted BIC for all 500 K (10+ minutes, no output)."""
+    d = _one_component(np.random.default_rng(4), n=40)
+    assert len(fit_mixture(d, 5, max_components=3, input_size=(64, 48))["bic"]) == 3
+    with pytest.raises(ValueError, match="cannot fit 41 components to 40 displacements"):
+        fit_mixture(d, 41, max_components=3, input_size=(64, 48))
+    assert len(fit_mixture(d[:2], "auto", max_components=3, input_size=(64, 48))["bic"]) == 2
+
+
 def test_no_displacements_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no displacements"):
-        fit_mixture(np.zeros((0, 2)), "bic", 3, (64, 48))
+        fit_mixture(np.zeros((0, 2)), "auto", 3, (64, 48))
 
 
 @pytest.mark.parametrize("method", ["heatmap", "dark"])
@@ -93,10 +102,10 @@ def test_a_model_without_offsets_is_refused_before_any_work(method: str, tmp_pat
 
 
 def test_parse_components() -> None:
-    assert parse_components("auto") == "auto" and parse_components(" BIC ") == "bic"
+    assert parse_components("auto") == "auto" and parse_components(" Paper ") == "paper"
     assert parse_components("2") == 2 and parse_components(3) == 3
-    for bad in ("0", "two", "-1"):
-        with pytest.raises(ValueError, match="'auto', 'bic' or a positive integer"):
+    for bad in ("0", "two", "-1", "bic"):
+        with pytest.raises(ValueError, match="'auto', 'paper' or a positive integer"):
             parse_components(bad)
 
 
