@@ -218,6 +218,23 @@ def _manifest_digest(uri: str) -> tuple[dict[str, Any], str]:
     return json.loads(raw), hashlib.sha256(raw).hexdigest()
 
 
+def _check_trainable(manifest: dict[str, Any], uri: str) -> None:
+    """Refuse shards cut from detector boxes (no keypoint labels); warn about a val split.
+
+    Detection boxes carry no keypoints, so every loss term is 0: such a run
+    once trained for its epochs at loss 0 and wrote its random weights as
+    model.pt, exit 0. A val split keeps people without a labelled keypoint
+    (COCO's val rule, for COCOeval), which add nothing but time.
+    """
+    settings = manifest.get("settings", {})
+    if settings.get("box_source") == "detections":
+        raise ValueError(f"{uri} was cut from detector boxes, which carry no keypoint labels (every loss would "
+                         "be 0): train on a split cut from its ground-truth annotations")
+    if manifest.get("split") == "val":
+        log.warning("%s is a val split: people without a labelled keypoint are kept there (COCO's val rule) and "
+                    "add no loss; train on the train split", uri)
+
+
 def _build_model(config: TrainConfig, input_size: tuple[int, int], device: torch.device) -> tuple[nn.Module, str]:
     """The network for the method (stage 2: initialised from the stage-1 checkpoint)."""
     from cal_core.models import build_model, default_head, load_checkpoint
@@ -253,6 +270,7 @@ def build_session(config: TrainConfig, ctx: distributed.DistContext) -> Session:
     from cal_core.models import default_head
 
     manifest, shards_sha256 = _manifest_digest(config.shards)
+    _check_trainable(manifest, config.shards)
     input_size = parse_size(manifest["input_size"])
     if config.val_shards and config.val_every:  # refused now, not after the first epoch has trained
         from cal_core.evaluate import ModelInfo, check_shard_set

@@ -316,6 +316,25 @@ def test_an_out_that_holds_a_training_or_cannot_be_written_is_refused_before_tra
     assert not (tmp_path / "busy").exists()
 
 
+def test_shards_without_keypoint_labels_are_refused_and_a_val_split_warned_about(
+        tiny_shards, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Detection-box shards once trained at loss 0 for every epoch and wrote random weights, exit 0."""
+    import json
+
+    from cal_core.train import SetupError
+
+    shutil.copytree(tiny_shards["val"], tmp_path / "det")
+    manifest = json.loads((tmp_path / "det" / "manifest.json").read_text())
+    manifest["settings"]["box_source"] = "detections"
+    (tmp_path / "det" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SetupError, match="det was cut from detector boxes, which carry no keypoint labels"):
+        train(_config({"train": str(tmp_path / "det")}, tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run").exists()
+    with caplog.at_level("WARNING", logger="cal_core.train"):
+        train(_config({"train": tiny_shards["val"]}, tmp_path / "val-run", max_steps=1))
+    assert "is a val split: people without a labelled keypoint are kept there" in caplog.text
+
+
 def test_ctrl_c_stops_at_the_next_step_and_a_second_one_at_once(tiny_shards, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A KeyboardInterrupt raised while the DataLoader forked was swallowed by an at-fork callback."""
