@@ -583,7 +583,8 @@ def test_an_area_of_zero_becomes_the_box_area_and_is_counted(coco_mini: Path, tm
     assert shards.read_manifest(str(tmp_path / "coco" / "64x48"))["counts"]["area_from_box"] == 0
 
 
-def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path) -> None:
+def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_mini: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     root, anns, gt = _odd_root(coco_mini, tmp_path)
     first_image = gt["images"][0]
     outside = tmp_path / "outside.jpg"
@@ -598,7 +599,11 @@ def test_duplicates_escapes_and_absurd_values_are_skipped_with_a_reason(coco_min
     gt["annotations"] += [twin, huge, big_id, dict(anns[1], id=10**12 + 1, image_id=777)]
     _write_json(root / "annotations" / "person_keypoints_val2017.json", gt)
     out = tmp_path / "out"
-    report = downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    with caplog.at_level("WARNING", logger="cal_core.data.downsample"):
+        report = downsample.downsample(str(root), "val", str(out), ["64x48"], workers=1, progress=False)
+    assert "person_keypoints_val2017.json: 7 records skipped {'bad_box': 1, 'bad_image_record': 2, 'bad_record': 1, " \
+        "'duplicate_id': 2, 'unknown_image': 1} (COCO ids are unique in the whole file: numbered per image?)" \
+        in caplog.text
     reasons = {(s["image_id"], s["ann_id"], s["reason"]) for s in _manifest(out / "64x48")["skipped"]}
     assert reasons == {(first_image["id"], -1, "duplicate_id"), (777, -1, "bad_image_record"),
                        (second_image["id"], -1, "bad_image_record"),
