@@ -117,8 +117,10 @@ def register(onnx_path: str | Path, metrics_doc: dict[str, Any], name: str = "ca
     from cal_core.export import read_metadata
 
     for key in ("metrics", "val_digest"):
-        if key not in metrics_doc:
+        if not isinstance(metrics_doc, dict) or key not in metrics_doc:
             raise ValueError(f"metrics file lacks {key!r} (is it the metrics.json of `cal-pose evaluate`?)")
+    if not isinstance(metrics_doc["metrics"], dict) or not isinstance(metrics_doc["metrics"].get("AP"), int | float):
+        raise ValueError("metrics file has no numeric metrics.AP (is it the metrics.json of `cal-pose evaluate`?)")
     metadata = read_metadata(onnx_path)
     onnx_sha256 = sha256_of(onnx_path)
     _check_same_model(metadata, metrics_doc, onnx_sha256)
@@ -154,11 +156,14 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = fetch_local(args.model, Path(tmp) / "model.onnx")
-        metrics_doc = json.loads(fetch_local(args.metrics, Path(tmp) / "metrics.json").read_text())
+        try:
+            metrics_doc = json.loads(fetch_local(args.metrics, Path(tmp) / "metrics.json").read_text())
+        except ValueError as exc:  # not JSON (UnicodeDecodeError is a ValueError too)
+            raise ValueError(f"--metrics {args.metrics} is not a JSON file ({exc})") from exc
         try:
             decision = register(model, metrics_doc, args.name)
         except tracking.RegistryError as exc:
-            print(f"register: {exc}", file=sys.stderr)
+            print(f"cal-pose register: {exc}", file=sys.stderr)
             return 1
     print(f"{decision.alias}: {decision.name} v{decision.version} - {decision.reason}")
     log.info("registry decision %s", json.dumps(asdict(decision)))

@@ -108,6 +108,12 @@ def test_cli_prints_decision_and_rejects_mismatched_size(registry: Path, capsys:
         register.register(registry / "bad.onnx", _metrics(0.3))
     with pytest.raises(ValueError, match="model method cal does not match the evaluated method udp"):
         register.register(_onnx_file(registry / "u.onnx", "u"), {**_metrics(0.3), "method": "udp"})
+    with pytest.raises(ValueError, match="no numeric metrics.AP"):  # was a KeyError traceback
+        register.register(_onnx_file(registry / "a.onnx", "a"), {**_metrics(0.3), "metrics": {}})
+    (registry / "report.md").write_text("# not json")
+    with pytest.raises(ValueError, match=r"--metrics .*report.md is not a JSON file"):
+        register.run(argparse.Namespace(model=str(registry / "m.onnx"), metrics=str(registry / "report.md"),
+                                        name="pose-x"))
     no_flip = _onnx_file(registry / "k.onnx", "k", graph="keypoints", flip_test="false")
     with pytest.raises(ValueError, match="flip test false does not match the evaluated one \\(true\\)"):
         register.register(no_flip, {**_metrics(0.3), "method": "cal", "flip": True})
@@ -141,7 +147,8 @@ def test_unreachable_registry_fails_the_stage(tmp_path: Path, monkeypatch: pytes
     args = argparse.Namespace(model=str(_onnx_file(tmp_path / "m.onnx", "m")),
                               metrics=str(tmp_path / "metrics.json"), name="cal-pose")
     assert register.run(args) == 1
-    assert f"MLflow registry at http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("cal-pose register: ") and f"MLflow registry at http://127.0.0.1:{port} is unreachable" in err
 
 
 def test_registering_the_same_model_again_reuses_its_version(registry: Path) -> None:
