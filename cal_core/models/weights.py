@@ -46,14 +46,25 @@ def _torch_load(path: Path, uri: str) -> Any:
     """``torch.load(weights_only=True)``; a file torch cannot read is a ValueError naming ``uri``.
 
     torch's own error for, say, a JSON file passed as a checkpoint is a
-    multi-line unpickling message that advises ``weights_only=False`` (unsafe
-    for files from elsewhere); only its first line is kept.
+    multi-line message that advises ``weights_only=False`` (unsafe for files
+    from elsewhere, and no help for a file that is not a checkpoint): only
+    the reason is kept (:func:`_load_reason`).
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{uri} is not a torch checkpoint or weights file ({reason})") from exc
+        raise ValueError(f"{uri} is not a torch checkpoint or weights file ({_load_reason(exc)})") from exc
+
+
+def _load_reason(exc: BaseException) -> str:
+    """The cause in a ``torch.load`` error: the weights-only unpickler's finding, else the first sentence."""
+    text = str(exc).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        found = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        return f"unreadable by the weights-only loader: {found}" if found else "unreadable by the weights-only loader"
+    first = (text.splitlines() or [type(exc).__name__])[0]
+    return first.split(". ")[0].rstrip(".")
 
 
 def _state_dict(obj: Any, uri: str | Path) -> dict[str, torch.Tensor]:
