@@ -117,7 +117,8 @@ class TrainConfig:
             (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
-            (list(self.lr_steps) == sorted(self.lr_steps), f"lr_steps must increase, got {self.lr_steps}"),
+            (all(a < b for a, b in zip(self.lr_steps, self.lr_steps[1:], strict=False)),
+             f"lr_steps must increase (each epoch once), got {self.lr_steps}"),
             (all(0 < s < self.epochs for s in self.lr_steps),
              f"lr_steps {list(self.lr_steps)} must lie inside the {self.epochs} epochs (a later drop never "
              "happens): give steps for this schedule, 'auto' (the paper's, scaled) or '' (constant)"),

@@ -173,7 +173,9 @@ def test_decode_converts_grayscale_and_cmyk_jpegs_to_bgr(coco_mini: Path, mode: 
 
 def test_decode_names_what_is_wrong_with_broken_bytes(coco_mini: Path) -> None:
     data = sorted((coco_mini / "val2017").glob("*.jpg"))[0].read_bytes()
-    for broken, why in [(data[: len(data) // 2], "truncated"), (b"not an image", "cannot identify")]:
+    for broken, why in [(data[: len(data) // 2], "truncated"),
+                        (b"not an image", r"not an image format PIL knows: 12 bytes starting b'not an i'"),
+                        (b"", "not an image format PIL knows: an empty file")]:  # was PIL's "<_io.BytesIO at 0x..>"
         with pytest.raises(crops.ImageDecodeError, match=why):
             crops.decode(broken, 4.0)
 
@@ -275,6 +277,8 @@ def test_broken_inputs_are_skipped_and_reported(coco_mini: Path, tmp_path: Path)
     downsample.downsample(str(root), "val", str(out), ["64x48"], shard_size=4, workers=1, progress=False)
     manifest = _manifest(out / "64x48")
     assert {s["ann_id"]: s["reason"] for s in manifest["skipped"]} == expected
+    details = {s["reason"]: s.get("detail", "") for s in manifest["skipped"]}  # why, for the image skips too
+    assert "no such file" in details["missing_file"] and "truncated" in details["corrupt_image"].lower()
     reasons = list(expected.values())
     assert manifest["counts"]["skipped"] == {r: reasons.count(r) for r in set(reasons)}
     gt = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())

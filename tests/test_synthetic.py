@@ -141,6 +141,8 @@ def test_negative_counts_and_bad_quality_are_rejected(tmp_path: Path, capsys: py
         synthetic.generate(tmp_path, -1, 2)
     with pytest.raises(ValueError, match="JPEG quality must be 1..100, got 500"):
         synthetic.generate(tmp_path, 1, 1, quality=500)
+    with pytest.raises(ValueError, match="--seed must be >= 0"):  # numpy said "expected non-negative integer"
+        synthetic.generate(tmp_path, 1, 1, seed=-1)
     for flags in (["--train", "-1", "--val", "1"], ["--train", "1", "--val", "1", "--quality", "500"]):
         with pytest.raises(SystemExit) as stopped:  # a usage error, not a traceback
             cli_main(["synth", "--out", str(tmp_path / "cli"), *flags])

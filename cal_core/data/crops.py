@@ -140,6 +140,9 @@ def _pil_decode(data: bytes) -> Decoded:
         rgb = np.asarray(image.convert("RGB"))
     except ImageDecodeError:
         raise
+    except Image.UnidentifiedImageError as exc:  # PIL's message names only its BytesIO object
+        what = "an empty file" if not data else f"{len(data)} bytes starting {data[:8]!r}"
+        raise ImageDecodeError(f"not an image format PIL knows: {what}") from exc
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
     return Decoded(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1, image.size)

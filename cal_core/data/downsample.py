@@ -376,8 +376,8 @@ def _resume(outputs: list[Output], prevs: list[_Previous],
 
 def _image_skips(result: ImageResult, image_root: str, strict: bool) -> list[dict[str, Any]]:
     """Skip entries for every person of an image that could not be used (an error under ``strict``)."""
-    skips = [coco.Skip(result.task.image_id, inst.ann_id, result.task.file_name, result.reason or "")
-             for inst in result.task.instances]
+    skips = [coco.Skip(result.task.image_id, inst.ann_id, result.task.file_name, result.reason or "",
+                       detail=result.detail) for inst in result.task.instances]
     if strict:
         raise _strict_error(skips[0], storage.join(image_root, result.task.file_name), result.detail)
     log.warning("skipping image %s (%s): %s: %s", result.task.image_id, result.task.file_name, result.reason,

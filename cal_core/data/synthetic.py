@@ -623,6 +623,8 @@ def generate(
     """
     if n_train < 0 or n_val < 0:
         raise ValueError(f"people counts must be >= 0, got train={n_train}, val={n_val}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0 (numpy seeds are non-negative), got {seed}")
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be 1..100, got {quality}")
     if style not in STYLES:
