@@ -18,7 +18,7 @@ def test_input_errors_are_one_line_with_exit_code_2(tmp_path: Path, monkeypatch:
     err = capsys.readouterr().err
     assert err.startswith("cal-pose register: ") and "Traceback" not in err
     assert cli.main(["fit-gmm", "--checkpoint", "x.pt", "--shards", "s", "--out", "o", "--components", "0"]) == 2
-    assert "--components must be 'auto' or a positive integer" in capsys.readouterr().err
+    assert "--components must be 'auto', 'paper' or a positive integer" in capsys.readouterr().err
     for flag, value in (("--max-samples", "-1"), ("--max-components", "0")):  # -1 once fitted on a subset
         assert cli.main(["fit-gmm", "--checkpoint", "x.pt", "--shards", "s", "--out", "o", flag, value]) == 2
         assert "need --max-components >= 1, --max-samples >= 0" in capsys.readouterr().err
