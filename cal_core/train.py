@@ -662,9 +662,12 @@ def _ctrl_c_between_steps() -> Iterator[None]:
     thread is. When that is a logging at-fork callback while the DataLoader
     forks its workers, the exception is reported as "ignored" and lost:
     training went on to its last epoch (3 of 11 Ctrl-Cs with --val-shards).
-    A flag checked between steps cannot be lost that way.
+    A flag checked between steps cannot be lost that way. A process started
+    with SIGINT ignored (a background job of a script, ``nohup``-style
+    launchers) keeps ignoring it, as Python itself does.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     owner = os.getpid()

@@ -352,16 +352,29 @@ def test_ctrl_c_stops_at_the_next_step_and_a_second_one_at_once(tiny_shards, tmp
         return real(s, batch)
 
     monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_shards, tmp_path / "run", method="udp", epochs=3))
-    assert steps == [0, 1]  # the step that got the signal finished; the next one never started
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    assert not train_module._STOP_REQUESTED.is_set()
-    with train_module._ctrl_c_between_steps():
-        os.kill(os.getpid(), signal.SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive shell starts us
+    try:
         with pytest.raises(KeyboardInterrupt):
+            train(_config(tiny_shards, tmp_path / "run", method="udp", epochs=3))
+        assert steps == [0, 1]  # the step that got the signal finished; the next one never started
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        # started with SIGINT ignored (a script's background job, where `make test` once ran): it stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        steps.clear()
+        train(_config(tiny_shards, tmp_path / "ignored", method="udp", epochs=1, max_steps=3))
+        assert steps == [0, 1, 2] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert not train_module._STOP_REQUESTED.is_set()
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with train_module._ctrl_c_between_steps():
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs at the next bytecode boundary
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_checkpoint_round_trips_rng_states_and_loads_weights_only(tmp_path: Path) -> None:
