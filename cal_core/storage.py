@@ -235,7 +235,11 @@ def exclusive(folder: str | Path, what: str) -> Iterator[None]:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _lock(fd, folder, what)
+            try:
+                _lock(fd, folder, what)
+            except FolderInUseError:
+                created = []  # made at the same moment by the run holding it: its folder now
+                raise
             yield
         finally:
             with contextlib.suppress(OSError):  # explicitly: forked workers share the descriptor
