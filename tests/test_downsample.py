@@ -748,10 +748,10 @@ def test_a_killed_worker_is_an_error_not_a_hang_and_a_rerun_completes(coco_mini:
     victim = (root / "val2017" / sorted(i["file_name"] for i in gt["images"])[4]).read_bytes()
     real_decode = crops.decode
 
-    def dying_decode(data: bytes, min_step: float) -> crops.Decoded:
+    def dying_decode(data: bytes, min_step: float, max_pixels: int) -> crops.Decoded:
         if data == victim:
             os._exit(137)  # in the forked worker: as SIGKILL would, without cleanup
-        return real_decode(data, min_step)
+        return real_decode(data, min_step, max_pixels)
 
     out, reference = tmp_path / "out", tmp_path / "reference"
     with monkeypatch.context() as patch:
@@ -794,10 +794,10 @@ def test_workers_die_with_a_killed_stage(coco_mini: Path, tmp_path: Path) -> Non
 import os, time
 from cal_core.data import crops, downsample
 real = crops.decode
-def slow_decode(data, min_step):
+def slow_decode(data, min_step, max_pixels):
     open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
     time.sleep(0.5)
-    return real(data, min_step)
+    return real(data, min_step, max_pixels)
 crops.decode = slow_decode
 downsample.downsample({str(root)!r}, "val", {str(tmp_path / "out")!r}, ["64x48"], workers=2, progress=False)
 """
@@ -1006,6 +1006,31 @@ def test_a_string_is_no_box() -> None:
 def test_nan_score_threshold_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(downsample.DownsampleError, match="det_score_thr is NaN"):
         downsample.downsample(str(tmp_path), "val", str(tmp_path / "out"), ["64x48"], det_score_thr=float("nan"))
+    with pytest.raises(downsample.DownsampleError, match="max_image_pixels must be >= 0"):
+        downsample.downsample(str(tmp_path), "val", str(tmp_path / "out"), ["64x48"], max_image_pixels=-1)
+
+
+def test_the_pixel_guard_skips_too_large_images_and_can_be_raised(coco_mini: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images over PIL's ~179 MP were skipped as corrupt_image with no way round it (gigapixel frames)."""
+    data = sorted((coco_mini / "val2017").glob("*.jpg"))[0].read_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(png, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own guard must not decide instead of ours
+    for image in (data, png.getvalue()):  # the JPEG and the PIL paths
+        with pytest.raises(crops.ImageTooLargeError, match=r"pixels is over the decompression-bomb guard of 500"):
+            crops.decode(image, 1.0, max_pixels=500)
+        assert crops.decode(image, 1.0, max_pixels=0).pixels.size
+    assert Image.MAX_IMAGE_PIXELS == 100  # lifted only while reading the header
+    monkeypatch.undo()
+    root = _small_root(coco_mini, tmp_path, n_images=2)
+    with pytest.raises(downsample.DownsampleError, match=r"no person instance kept: skipped \{'too_large'"):
+        downsample.downsample(str(root), "val", str(tmp_path / "small"), ["64x48"], workers=1, progress=False,
+                              max_image_pixels=1000)
+    report = downsample.downsample(str(root), "val", str(tmp_path / "any"), ["64x48"], workers=1, progress=False,
+                                   max_image_pixels=0)
+    assert report["64x48"]["counts"]["instances"] > 0
+    assert _manifest(tmp_path / "any" / "64x48")["settings"]["max_image_pixels"] == 0  # a rerun with another recomputes
 
 
 @pytest.mark.parametrize("margin", [0.5, float("nan"), float("inf")])

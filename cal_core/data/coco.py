@@ -47,6 +47,7 @@ BAD_KEYPOINTS = "bad_keypoints"
 OUTSIDE_IMAGE = "outside_image"
 MISSING_FILE = "missing_file"
 CORRUPT_IMAGE = "corrupt_image"
+TOO_LARGE = "too_large"
 SIZE_MISMATCH = "size_mismatch"
 DUPLICATE_ID = "duplicate_id"
 #: Person box sides (px) outside this range are broken records (their crop affine would not be invertible).

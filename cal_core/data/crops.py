@@ -48,6 +48,15 @@ class ImageDecodeError(ValueError):
     """The bytes are not a complete, decodable image (truncated, corrupt or not an image)."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """A valid image with more pixels than the decompression-bomb guard allows (``max_pixels``)."""
+
+
+#: Default decompression-bomb guard: PIL's own error threshold (twice its 89,478,485-pixel warning limit),
+#: ~179 megapixels. A JPEG that large decodes at 1/8 in ~3 MB, so gigapixel frames may raise it (0: none).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
 #: libjpeg-turbo DCT scaling factors (original size / decoded size) we decode at.
 _DCT_SCALES = (8, 4, 2, 1)
 
@@ -86,7 +95,7 @@ def source_step(matrix: np.ndarray) -> float:
     return 1.0 / max(math.hypot(a, b), math.hypot(c, d))
 
 
-def decode(data: bytes, min_step: float) -> Decoded:
+def decode(data: bytes, min_step: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode image bytes to BGR, JPEGs reduced by the largest DCT factor not above ``min_step``.
 
     JPEGs go through ``simplejpeg`` (libjpeg-turbo's TurboJPEG API, EXIF
@@ -97,20 +106,27 @@ def decode(data: bytes, min_step: float) -> Decoded:
     CMYK, 12-bit, a JPEG libjpeg only warns about) goes to PIL at full size,
     which decodes it or says what is wrong: :class:`ImageDecodeError`.
     Grayscale, CMYK, palette and alpha images become 3-channel colour.
+    An image of more than ``max_pixels`` pixels (0: no limit) is refused
+    before decoding, as a decompression-bomb guard: :class:`ImageTooLargeError`.
     """
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         colorspace = None  # not a JPEG libjpeg-turbo can parse
     if colorspace in ("YCbCr", "Gray"):
-        limit = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (None: none), as PIL would apply it
-        if limit and width * height > 2 * limit:
-            raise ImageDecodeError(f"DecompressionBombError: {width}x{height} pixels is over twice PIL's limit")
+        _check_pixels((width, height), max_pixels)
         scale = max(s for s in _DCT_SCALES if s <= max(1.0, min_step))
         pixels = _turbo_decode(data, (height, width), scale)
         if pixels is not None:
             return Decoded(pixels, scale, (width, height))
-    return _pil_decode(data)
+    return _pil_decode(data, max_pixels)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """:class:`ImageTooLargeError` if a ``(W, H)`` image has more than ``max_pixels`` pixels (0: no limit)."""
+    if max_pixels and size[0] * size[1] > max_pixels:
+        raise ImageTooLargeError(f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels is over the decompression-"
+                                 f"bomb guard of {max_pixels:,} (--max-image-pixels; 0 turns it off)")
 
 
 def _turbo_decode(data: bytes, size_hw: tuple[int, int], scale: int) -> np.ndarray | None:
@@ -129,10 +145,19 @@ def _turbo_decode(data: bytes, size_hw: tuple[int, int], scale: int) -> np.ndarr
     return pixels if pixels.shape[:2] == expected else None
 
 
-def _pil_decode(data: bytes) -> Decoded:
-    """Full-size BGR pixels of any image PIL reads; :class:`ImageDecodeError` with PIL's reason if broken."""
+def _pil_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Full-size BGR pixels of any image PIL reads; :class:`ImageDecodeError` with PIL's reason if broken.
+
+    ``max_pixels`` replaces PIL's own decompression-bomb limit (its global
+    ``Image.MAX_IMAGE_PIXELS`` is lifted while the header is read).
+    """
     try:
-        image = Image.open(io.BytesIO(data))
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        _check_pixels(image.size, max_pixels)
         if image.mode.startswith("I;16"):
             return Decoded(_gray16_to_bgr(np.asarray(image)), 1, image.size)
         if image.mode in ("I", "F"):  # 32-bit integer or float samples: no defined 8-bit range

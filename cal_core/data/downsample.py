@@ -66,7 +66,7 @@ DEFAULT_MARGIN = 1.5
 DEFAULT_SHARD_SIZE = 2000
 JPEG_QUALITY = 95
 #: Skip reasons decided while decoding (the others come from the annotation file).
-IMAGE_REASONS = (coco.MISSING_FILE, coco.CORRUPT_IMAGE, coco.SIZE_MISMATCH)
+IMAGE_REASONS = (coco.MISSING_FILE, coco.CORRUPT_IMAGE, coco.TOO_LARGE, coco.SIZE_MISMATCH)
 #: Images handed to the pool but not yet consumed, per worker (bounds memory).
 IN_FLIGHT_PER_WORKER = 8
 #: prctl option: the signal a process gets when its parent dies (linux/prctl.h).
@@ -89,6 +89,7 @@ class Job:
     margin: float
     padding: float
     image_root: str
+    max_pixels: int = crops.DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -155,7 +156,9 @@ def process_image(task: coco.ImageTask, job: Job | None = None) -> ImageResult:
                 for size in job.sizes]
     min_step = min(crops.source_step(m) for per_size in matrices for m in per_size)
     try:
-        decoded = crops.decode(data, min_step)
+        decoded = crops.decode(data, min_step, job.max_pixels)
+    except crops.ImageTooLargeError as exc:
+        return ImageResult(task, [], coco.TOO_LARGE, str(exc), shards.sha256(data))
     except crops.ImageDecodeError as exc:
         return ImageResult(task, [], coco.CORRUPT_IMAGE, str(exc), shards.sha256(data))
     if decoded.size != (task.width, task.height):
@@ -506,7 +509,8 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                detections: str | None = None, det_score_thr: float = 0.0,
                shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                margin: float = DEFAULT_MARGIN, strict: bool = False,
-               progress: bool = True, layout: Layout = Layout()) -> dict[str, dict[str, Any]]:
+               progress: bool = True, layout: Layout = Layout(),
+               max_image_pixels: int = crops.DEFAULT_MAX_PIXELS) -> dict[str, dict[str, Any]]:
     """Write ``<out>/<HxW>/`` shard sets for ``split`` of the COCO root ``coco_uri``; returns a report per size.
 
     The report says per size where the set is, how many shards it has, how
@@ -519,18 +523,22 @@ def downsample(coco_uri: str, split: str, out: str, input_sizes: Sequence[str | 
                               f"{margin}, {shard_size}")
     if math.isnan(det_score_thr):
         raise DownsampleError("det_score_thr is NaN: give a number (detections scoring at least it are kept)")
+    if max_image_pixels < 0:
+        raise DownsampleError(f"max_image_pixels must be >= 0 (0: no limit), got {max_image_pixels}")
     _warn_settings(sizes, detections, det_score_thr)
+    settings = {"padding": DEFAULT_PADDING, "shard_size": shard_size, "jpeg_quality": JPEG_QUALITY,
+                "box_source": "detections" if detections else "ground_truth", "det_score_thr": det_score_thr,
+                "resampling": "opencv jpeg-dct-scale + box-reduce + bilinear", "max_image_pixels": max_image_pixels}
     storage.check_writable(out)  # an unwritable out fails now, not at the first shard after decoding
     with storage.exclusive(out, "downsampling"):  # a second run into the same out is refused, not interleaved
-        return _cut(coco_uri, split, out, sizes, detections, det_score_thr, shard_size, workers, margin, strict,
-                    progress, layout)
+        return _cut(coco_uri, split, out, sizes, detections, settings, workers, margin, strict, progress, layout)
 
 
 def _cut(coco_uri: str, split: str, out: str, sizes: tuple[tuple[int, int], ...], detections: str | None,
-         det_score_thr: float, shard_size: int, workers: int | None, margin: float, strict: bool, progress: bool,
+         settings: dict[str, Any], workers: int | None, margin: float, strict: bool, progress: bool,
          layout: Layout) -> dict[str, dict[str, Any]]:
-    """:func:`downsample` once its settings are checked and ``out`` is locked."""
-    gt, plan, source = _load_inputs(coco_uri, split, detections, det_score_thr, layout)
+    """:func:`downsample` once its ``settings`` (the manifest's) are checked and ``out`` is locked."""
+    gt, plan, source = _load_inputs(coco_uri, split, detections, settings["det_score_thr"], layout)
     _warn_skipped_records(plan, " and ".join(filter(None, (source["annotations"]["uri"], detections))))
     _warn_box_areas(plan, source["annotations"]["uri"])
     if strict and plan.skipped:
@@ -539,9 +547,6 @@ def _cut(coco_uri: str, split: str, out: str, sizes: tuple[tuple[int, int], ...]
     if not plan.tasks:
         raise _nothing_kept(detections or source["annotations"]["uri"], [s.to_dict() for s in plan.skipped],
                             plan.excluded)
-    settings = {"padding": DEFAULT_PADDING, "shard_size": shard_size, "jpeg_quality": JPEG_QUALITY,
-                "box_source": "detections" if detections else "ground_truth", "det_score_thr": det_score_thr,
-                "resampling": "opencv jpeg-dct-scale + box-reduce + bilinear"}
     header = {size: _header(size, split, margin, source, settings) for size in sizes}
     outputs = [Output(size, storage.join(out, shards.size_name(size)), []) for size in sizes]
     prevs = [_previous(o.uri, header[o.size]) for o in outputs]
@@ -555,8 +560,9 @@ def _cut(coco_uri: str, split: str, out: str, sizes: tuple[tuple[int, int], ...]
     point, restored = _resume(outputs, prevs, plan.tasks)
     for o in outputs:  # a manifest on storage always describes a complete set: drop it until rewritten
         storage.delete(storage.join(o.uri, shards.MANIFEST))
-    writer = _Writer(outputs, header, shard_size, [s.to_dict() for s in plan.skipped], restored, point)
-    _run_tasks(writer, plan, Job(sizes, margin, DEFAULT_PADDING, source["images"]), workers, strict, progress)
+    writer = _Writer(outputs, header, settings["shard_size"], [s.to_dict() for s in plan.skipped], restored, point)
+    job = Job(sizes, margin, DEFAULT_PADDING, source["images"], settings["max_image_pixels"])
+    _run_tasks(writer, plan, job, workers, strict, progress)
     _finish(writer, gt, plan)
     return _report(outputs, [_previous(o.uri, header[o.size]) for o in outputs], already_complete=False)
 
@@ -653,6 +659,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--margin", type=float, default=DEFAULT_MARGIN,
         help="crop = margin x the padded box, so augmentation has context (default 1.5)")
     add("--strict", action="store_true", help="fail on the first malformed or unreadable record instead of skipping")
+    add("--max-image-pixels", type=int, default=crops.DEFAULT_MAX_PIXELS,
+        help="skip images with more pixels as too_large, a decompression-bomb guard (default PIL's ~179 MP; "
+             "0: no limit, e.g. for gigapixel frames: JPEGs decode at reduced size)")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -661,7 +670,8 @@ def run(args: argparse.Namespace) -> int:
     params = {"coco": args.coco, "split": args.split, "ann_file": args.ann_file or "",
               "image_dir": args.image_dir or "", "out": args.out, "input_sizes": ",".join(args.input_sizes),
               "detections": args.detections or "", "det_score_thr": args.det_score_thr,
-              "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict}
+              "shard_size": args.shard_size, "margin": args.margin, "strict": args.strict,
+              "max_image_pixels": args.max_image_pixels}
     report = _tracked_run(args, params)  # bad input: exit 2, a worker that died: exit 1 (cal_core.cli)
     for size, entry in report.items():
         counts = entry["counts"]
@@ -678,7 +688,8 @@ def _tracked_run(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, 
     with tracking.stage_run("downsample", params=params) as tracker:
         report = downsample(args.coco, args.split, args.out, args.input_sizes, args.detections,
                             args.det_score_thr, args.shard_size, args.workers, args.margin, args.strict,
-                            progress=not args.no_progress, layout=Layout(args.ann_file, args.image_dir))
+                            progress=not args.no_progress, layout=Layout(args.ann_file, args.image_dir),
+                            max_image_pixels=args.max_image_pixels)
         for size, entry in report.items():
             counts = entry["counts"]
             tracker.log_metrics({f"{size}/instances": counts["instances"], f"{size}/images": counts["images"],
