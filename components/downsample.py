@@ -15,7 +15,8 @@ from components.images import image
 
 @dsl.component(base_image=image("data"), install_kfp_package=False)
 def downsample(coco_uri: str, split: str, ann_file: str, image_dir: str, input_size: str, detections_uri: str,
-               det_score_thr: float, workers: int, experiment: str, shards: Output[Dataset]) -> None:
+               det_score_thr: float, max_image_pixels: int, workers: int, experiment: str,
+               shards: Output[Dataset]) -> None:
     """Crop every person of ``split`` at ``input_size`` into parquet shards (+ manifest, GT annotations).
 
     ``ann_file`` / ``image_dir``: the split's annotation JSON and image folder, relative to ``coco_uri``
@@ -24,7 +25,8 @@ def downsample(coco_uri: str, split: str, ann_file: str, image_dir: str, input_s
     from components.runtime import run_stage
 
     argv = ["downsample", "--coco", coco_uri, "--split", split, "--out", shards.path,
-            "--input-size", input_size, "--workers", str(workers), "--no-progress"]
+            "--input-size", input_size, "--workers", str(workers), "--max-image-pixels", str(max_image_pixels),
+            "--no-progress"]
     argv += ["--ann-file", ann_file] if ann_file else []
     argv += ["--image-dir", image_dir] if image_dir else []
     if detections_uri:

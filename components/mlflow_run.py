@@ -22,7 +22,8 @@ def open_pipeline_run(experiment: str, kfp_run_id: str, kfp_run_name: str, coco_
                       method: str, backbone: str, pretrained_weights: str, epochs_stage1: int, epochs_stage2: int,
                       batch_size: int, lr: float, lr_steps: str, lr_stage2: float, gmm_components: str,
                       max_gmm_components: int, mgm_update: str, flip_test: bool, amp: bool, seed: int,
-                      workers: int, val_every: int, detections_uri: str, det_score_thr: float, work_uri: str,
+                      workers: int, val_every: int, detections_uri: str, det_score_thr: float,
+                      max_image_pixels: int, work_uri: str,
                       model_name: str) -> str:
     """Return the MLflow parent run id for this pipeline run (existing or new), with every pipeline parameter.
 

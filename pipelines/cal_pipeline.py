@@ -189,6 +189,7 @@ def cal_pipeline(
     val_every: int = 10,
     detections_uri: str = "",
     det_score_thr: float = 0.0,
+    max_image_pixels: int = 178956970,
     work_uri: str = "",
     mlflow_experiment: str = "cal-pose",
     model_name: str = "cal-pose",
@@ -226,6 +227,8 @@ def cal_pipeline(
             this many epochs of each training stage and after its last epoch; 0 = never.
         detections_uri: optional COCO-format person detections (JSON) for the val split; empty = ground-truth boxes.
         det_score_thr: minimum detection score kept when detections_uri is set.
+        max_image_pixels: images with more pixels are skipped as too_large (a decompression-bomb guard,
+            PIL's ~179 MP); 0 = no limit, e.g. for gigapixel frames.
         work_uri: optional s3:// prefix for resumable training folders (a retried training task resumes
             from <work_uri>/<run id>/stage<N>/last.pt); empty = train inside the artifact folder.
         mlflow_experiment: MLflow experiment of the pipeline run and its stage runs.
@@ -240,7 +243,8 @@ def cal_pipeline(
         epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, lr_steps=lr_steps, lr_stage2=lr_stage2,
         gmm_components=gmm_components, max_gmm_components=max_gmm_components, mgm_update=mgm_update,
         flip_test=flip_test, amp=amp, seed=seed, workers=workers, val_every=val_every, detections_uri=detections_uri,
-        det_score_thr=det_score_thr, work_uri=work_uri, model_name=model_name), "250m", "512Mi")
+        det_score_thr=det_score_thr, max_image_pixels=max_image_pixels, work_uri=work_uri,
+        model_name=model_name), "250m", "512Mi")
     parent.set_caching_options(False).set_display_name("mlflow-parent-run")
     tracking = {"experiment": mlflow_experiment, "parent_run_id": parent.output}
 
@@ -251,7 +255,7 @@ def cal_pipeline(
     for split, ann_file, image_dir, detections, threshold in splits:
         task = downsample(coco_uri=coco_uri, split=split, ann_file=ann_file, image_dir=image_dir,
                           input_size=input_size, detections_uri=detections, det_score_thr=threshold,
-                          workers=workers, experiment=mlflow_experiment)
+                          max_image_pixels=max_image_pixels, workers=workers, experiment=mlflow_experiment)
         _resources(task, "4", "8Gi").set_caching_options(True).set_display_name(f"downsample-{split}")
         shards[split] = task.outputs["shards"]
 

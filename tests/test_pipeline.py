@@ -225,9 +225,10 @@ def test_each_split_reads_its_own_layout_parameters(spec, tmp_path, monkeypatch)
     monkeypatch.setattr(runtime, "run_stage", lambda argv, experiment, parent_run_id: calls.append(argv))
     for ann_file, image_dir in (("labels/val.json", "images"), ("", "")):
         downsample.python_func(coco_uri="s3://d/x", split="val", ann_file=ann_file, image_dir=image_dir,
-                               input_size="64x48", detections_uri="", det_score_thr=0.0, workers=1,
-                               experiment="x", shards=dsl.Dataset(uri=str(tmp_path / "s")))
+                               input_size="64x48", detections_uri="", det_score_thr=0.0, max_image_pixels=0,
+                               workers=1, experiment="x", shards=dsl.Dataset(uri=str(tmp_path / "s")))
     named, default = calls
+    assert named[named.index("--max-image-pixels") + 1] == "0"
     assert named[named.index("--ann-file") + 1] == "labels/val.json"
     assert named[named.index("--image-dir") + 1] == "images"
     assert "--ann-file" not in default and "--image-dir" not in default
@@ -258,6 +259,9 @@ def test_every_parameter_has_a_description_and_default(spec):
     for name, definition in params.items():
         assert definition.get("description"), f"parameter {name} lacks a description"
         assert "defaultValue" in definition or definition.get("isOptional"), f"parameter {name} lacks a default"
+    from cal_core.data.crops import DEFAULT_MAX_PIXELS
+
+    assert params["max_image_pixels"]["defaultValue"] == DEFAULT_MAX_PIXELS  # the CLI's guard, not a copy drifting
 
 
 def test_every_parameter_is_documented(spec):
@@ -495,7 +499,7 @@ def test_cluster_parent_run_records_every_pipeline_parameter(tmp_path, monkeypat
         method="cal", backbone="hrnet_w32", pretrained_weights="", epochs_stage1=210, epochs_stage2=40, batch_size=64,
         lr=1e-3, lr_steps="auto", lr_stage2=1e-4, gmm_components="auto", max_gmm_components=3, mgm_update="static",
         flip_test=True, amp=True, seed=0, workers=4, val_every=10, detections_uri="s3://d/dets.json", det_score_thr=0.5,
-        work_uri="", model_name="cal-pose")
+        max_image_pixels=0, work_uri="", model_name="cal-pose")
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["input_size"] == "128x96" and run.data.params["method"] == "cal"
     assert run.data.params["epochs_stage1"] == "210" and run.data.tags["kfp.run_id"] == "kfp-1"
