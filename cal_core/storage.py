@@ -198,18 +198,29 @@ def check_writable(folder: str | Path) -> None:
     """
     if is_s3(folder):
         return
-    path = _local(folder).absolute()
-    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = temp_beside(path / "write-probe")
-        os.close(fd)
-        os.unlink(tmp)
+        with _made_for_the_block(_local(folder).absolute()) as (path, _):
+            fd, tmp = temp_beside(path / "write-probe")
+            os.close(fd)
+            os.unlink(tmp)
     except OSError as exc:
         raise ValueError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def _made_for_the_block(path: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """Create the folder ``path`` (and missing parents) for the block; remove those it made if still empty.
+
+    Yields ``(path, made)``: clearing ``made`` keeps them (a folder that has
+    become another run's). Deepest first, so parents go once empty too.
+    """
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path, made
     finally:
-        for new in created:  # deepest first
-            with contextlib.suppress(OSError):
+        for new in made:
+            with contextlib.suppress(OSError):  # a folder with outputs in it stays
                 new.rmdir()
 
 
@@ -229,26 +240,19 @@ def exclusive(folder: str | Path, what: str) -> Iterator[None]:
     if is_s3(folder):
         yield
         return
-    path = _local(folder).absolute()
-    created = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
+    with _made_for_the_block(_local(folder).absolute()) as (path, made):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             try:
                 _lock(fd, folder, what)
             except FolderInUseError:
-                created = []  # made at the same moment by the run holding it: its folder now
+                made.clear()  # made at the same moment by the run holding it: its folder now
                 raise
             yield
         finally:
             with contextlib.suppress(OSError):  # explicitly: forked workers share the descriptor
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-    finally:
-        for new in created:  # deepest first; a folder with outputs in it stays
-            with contextlib.suppress(OSError):
-                new.rmdir()
 
 
 def _lock(fd: int, folder: str | Path, what: str) -> None:
