@@ -328,18 +328,17 @@ def onnx_predictor(path: str | Path, flip: bool) -> tuple[Predictor, ModelInfo, 
     return run_raw, info, codec
 
 
-def load_predictor(model_uri: str, flip: bool, device: Any = None) -> tuple[Predictor, ModelInfo, Any]:
-    """Predictor, description and codec for ``model_uri``: an ``.onnx`` graph or a ``.pt`` checkpoint."""
-    import tempfile
+def load_predictor(model_path: str, flip: bool, device: Any = None) -> tuple[Predictor, ModelInfo, Any]:
+    """Predictor, description and codec for a local ``.onnx`` graph or ``.pt`` checkpoint.
 
+    :func:`evaluate` fetches a remote model once and passes its local copy.
+    """
     from cal_core.export import codec_for
     from cal_core.models import load_checkpoint, model_from_checkpoint
-    from cal_core.uris import fetch_local
 
-    if str(model_uri).endswith(".onnx"):
-        with tempfile.TemporaryDirectory() as staging:  # onnxruntime reads the file when the session opens
-            return onnx_predictor(fetch_local(model_uri, Path(staging) / "model.onnx"), flip)
-    ckpt = load_checkpoint(model_uri)
+    if str(model_path).endswith(".onnx"):
+        return onnx_predictor(model_path, flip)
+    ckpt = load_checkpoint(model_path)
     config = dict(ckpt["config"])
     codec = codec_for(config)
     model = model_from_checkpoint(ckpt)

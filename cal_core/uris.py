@@ -35,16 +35,12 @@ def fetch_local(uri: str | Path, dst: Path) -> Path:
     return storage.download(str(uri), dst)  # streamed to disk: a large model is never held in memory
 
 
-def sha256_of(uri: str | Path) -> str:
-    """sha256 hex digest of a file's bytes (local files are read in chunks, not held in memory)."""
+def sha256_of(path: str | Path) -> str:
+    """sha256 hex digest of a local file's bytes, read in chunks (fetch a remote one first: :func:`fetch_local`)."""
     import hashlib
 
-    if is_remote(uri):
-        from cal_core import storage
-
-        return hashlib.sha256(storage.read_bytes(str(uri))).hexdigest()
     digest = hashlib.sha256()
-    with local_path(uri).open("rb") as f:
+    with local_path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
